@@ -1,0 +1,127 @@
+"""The one config tree: dataclasses loaded from a YAML recipe plus dotted `key=value` overrides.
+
+Loading is strict: an unknown key, a value of the wrong type or a shape that cannot run at the requested
+parallelism raises ConfigError naming the key, before any process or model is started. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.model.config import ModelConfig
+from pipeline.model.presets import PRESETS
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> Config:
+        self.model.validate(self.parallel.tensor_parallel)
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML recipe (or start from defaults), apply `a.b=value` overrides, resolve the model preset,
+    build the typed tree and validate it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        apply_override(data, key.strip(), yaml.safe_load(raw))
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("preset") is not None:
+        data["model"] = {**preset_fields(model["preset"]), **model}
+    return build(Config, data, "").validate()
+
+
+def preset_fields(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def build(cls: type, data: Any, prefix: str) -> Any:
+    """Construct dataclass `cls` from a mapping, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {name!r}; valid keys here: {', '.join(sorted(fields))}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = build(kind, value, f"{name}.")
+        else:
+            kwargs[key] = check_type(name, value, kind)
+    return cls(**kwargs)
+
+
+def check_type(name: str, value: Any, kind: Any) -> Any:
+    """Return `value` if it fits annotation `kind` (ints and numeric strings are accepted as floats)."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    for option in options:
+        origin = typing.get_origin(option)
+        if option is type(None) and value is None:
+            return value
+        if origin is typing.Literal and value in typing.get_args(option):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):  # PyYAML reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool) and isinstance(value, option):
+            return value
+        if origin in (list, dict) and isinstance(value, origin):
+            return value
+    raise ConfigError(f"{name}: expected {describe(kind)}, got {value!r}")
+
+
+def describe(kind: Any) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        return " or ".join(repr(v) for v in typing.get_args(kind))
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(describe(k) for k in typing.get_args(kind))
+    return "null" if kind is type(None) else getattr(kind, "__name__", str(kind))

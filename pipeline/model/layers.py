@@ -1,0 +1,148 @@
+"""Decoder building blocks on megatron-core's tensor-parallel layers.
+
+Every parameter is created and initialised inside its own module's `__init__`, so that building the model
+under `deepspeed.zero.Init` (which partitions a module's parameters as soon as its constructor returns)
+keeps the intended initialisation. Tensors are (batch, seq, hidden) throughout; inside attention and the
+MLP each tensor-parallel rank holds `n_heads / tp` heads and `ffn / tp` channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.utils import get_pg_size
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from pipeline.model.config import ModelConfig
+
+
+def normal_init(std: float):
+    return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=std)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.block == "gpt2":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class LearnedPositions(nn.Module):
+    """GPT-2's learned absolute position embedding (replicated on every TP rank)."""
+
+    def __init__(self, max_seq_len: int, d_model: int, std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(max_seq_len, d_model))
+        nn.init.normal_(self.weight, std=std)
+
+    def forward(self, seq_len: int) -> torch.Tensor:
+        return self.weight[:seq_len]
+
+
+def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding on (batch, seq, heads, head_dim), rotate-half layout (as HF LLaMA).
+    Angles are computed in fp32 on every call, so bf16 casts of the model never touch them."""
+    seq, half = x.shape[1], x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(seq, device=x.device, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention; heads are split over the TP group.
+
+    The fused QKV projection's output is laid out per head as (head, [q, k, v], head_dim), so a contiguous
+    column-parallel split hands each rank whole heads.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group: ProcessGroup | None):
+        super().__init__()
+        self.cfg = cfg
+        self.local_heads = cfg.n_heads // get_pg_size(tp_group)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.qkv = ColumnParallelLinear(
+            cfg.d_model, 3 * cfg.d_model, config=mp, init_method=normal_init(cfg.init_std),
+            bias=cfg.bias, gather_output=False, tp_group=tp_group,
+        )
+        self.proj = RowParallelLinear(
+            cfg.d_model, cfg.d_model, config=mp, init_method=normal_init(out_std),
+            bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        qkv, _ = self.qkv(x)
+        q, k, v = qkv.view(batch, seq, self.local_heads, 3, self.cfg.head_dim).unbind(dim=3)
+        if self.cfg.block == "modern":
+            q, k = rotary(q, self.cfg.rope_theta), rotary(k, self.cfg.rope_theta)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, dropout_p=self.cfg.dropout if self.training else 0.0,
+        )
+        out, _ = self.proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        return out
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: d -> ffn (column-parallel), tanh-GELU, ffn -> d (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group: ProcessGroup | None):
+        super().__init__()
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.fc = ColumnParallelLinear(
+            cfg.d_model, cfg.ffn_size, config=mp, init_method=normal_init(cfg.init_std),
+            bias=True, gather_output=False, tp_group=tp_group,
+        )
+        self.proj = RowParallelLinear(
+            cfg.ffn_size, cfg.d_model, config=mp, init_method=normal_init(out_std),
+            bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.fc(x)
+        out, _ = self.proj(F.gelu(h, approximate="tanh"))
+        return out
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's MLP: down(silu(gate(x)) * up(x)), gate and up column-parallel, down row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group: ProcessGroup | None):
+        super().__init__()
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        column = dict(config=mp, init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+                      tp_group=tp_group)
+        self.gate = ColumnParallelLinear(cfg.d_model, cfg.ffn_size, **column)
+        self.up = ColumnParallelLinear(cfg.d_model, cfg.ffn_size, **column)
+        self.down = RowParallelLinear(
+            cfg.ffn_size, cfg.d_model, config=mp, init_method=normal_init(out_std),
+            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, _ = self.gate(x)
+        up, _ = self.up(x)
+        out, _ = self.down(F.silu(gate) * up)
+        return out
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group: ProcessGroup | None):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, mp, tp_group)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = (GeluMLP if cfg.block == "gpt2" else SwiGLU)(cfg, mp, tp_group)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))

@@ -1,0 +1,60 @@
+"""Parameter counts and training FLOPs of a model, measured on the meta device (no memory)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.model.config import ModelConfig
+from pipeline.model.freelm import FreeLM
+
+
+@dataclass
+class ModelSize:
+    """Counts cover the language model (decoder + tied LM head), the convention GPT-2 and GPT-3 sizes are
+    quoted in; the teacher head's 2 * d_model parameters are reported on their own."""
+
+    total_params: int
+    params_per_tp_rank: int
+    non_embedding_params: int
+    teacher_head_params: int
+    flops_per_token: int
+    vocab_size: int
+    padded_vocab_size: int
+    tensor_parallel: int
+    seq_len: int
+
+
+def measure(cfg: ModelConfig, tp: int = 1, seq_len: int | None = None) -> ModelSize:
+    """Build the model on the meta device at TP=1 with the vocab padded for `tp`; a TP-sharded parameter
+    holds numel / tp elements on each rank, a replicated one holds all of them.
+
+    FLOPs per token for training (forward + backward) = 6 * (non-embedding params + the LM head's
+    vocab x d_model matmul) + 12 * n_layers * d_model * seq_len for attention scores and values
+    (PaLM's accounting, no causal discount).
+    """
+    cfg.validate(tp)
+    seq_len = seq_len or cfg.max_seq_len
+    padded = cfg.padded_vocab_size(tp)
+    with torch.device("meta"):
+        model = FreeLM(dataclasses.replace(cfg, vocab_size=padded, vocab_pad_multiple=0))
+    teacher = {id(p) for p in model.teacher_head.parameters()}
+    embeddings = {id(model.embed.weight)} | ({id(model.positions.weight)} if model.positions else set())
+    params = [p for p in model.parameters() if id(p) not in teacher]
+    total = sum(p.numel() for p in params)
+    per_rank = sum(p.numel() // tp if getattr(p, "tensor_model_parallel", False) else p.numel() for p in params)
+    non_embedding = sum(p.numel() for p in params if id(p) not in embeddings)
+    flops = 6 * (non_embedding + padded * cfg.d_model) + 12 * cfg.n_layers * cfg.d_model * seq_len
+    return ModelSize(
+        total_params=total,
+        params_per_tp_rank=per_rank,
+        non_embedding_params=non_embedding,
+        teacher_head_params=sum(p.numel() for p in model.teacher_head.parameters()),
+        flops_per_token=flops,
+        vocab_size=cfg.vocab_size,
+        padded_vocab_size=padded,
+        tensor_parallel=tp,
+        seq_len=seq_len,
+    )

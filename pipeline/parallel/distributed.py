@@ -1,0 +1,57 @@
+"""Process-group setup: torch.distributed from the launcher's environment, then megatron-core's grid."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_env() -> LaunchEnv:
+    """Rank layout as set by torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK) or, under a
+    bare `srun`, by SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); one process when neither is set."""
+    env = os.environ
+
+    def pick(name: str, slurm: str, default: int) -> int:
+        return int(env.get(name, env.get(slurm, default)))
+
+    return LaunchEnv(
+        rank=pick("RANK", "SLURM_PROCID", 0),
+        world_size=pick("WORLD_SIZE", "SLURM_NTASKS", 1),
+        local_rank=pick("LOCAL_RANK", "SLURM_LOCALID", 0),
+    )
+
+
+def init_parallel(tensor_parallel: int = 1) -> LaunchEnv:
+    """Join the default process group (NCCL on GPU, gloo on CPU) and build megatron-core's TP x DP grid."""
+    launch = launch_env()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(launch.local_rank)
+        dist.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            rank=launch.rank,
+            world_size=launch.world_size,
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    return launch
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
