@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.model.presets import PRESETS
 
 
@@ -40,6 +40,42 @@ def model_info(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def tokenizer_train(args: argparse.Namespace) -> None:
+    from pipeline.data.corpus import expand_inputs
+    from pipeline.data.tokenizer import train_sentencepiece
+
+    tok = train_sentencepiece(expand_inputs(args.input), args.out, args.vocab_size, args.sample_lines)
+    print(f"tokenizer: {tok.kind}, vocab {tok.vocab_size}, special ids {tok.special} -> {args.out}")
+
+
+def tokenizer_import(args: argparse.Namespace) -> None:
+    from pipeline.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(args.hf)
+    tok.save(args.out, imported_from=str(args.hf))
+    print(f"tokenizer: {tok.kind}, vocab {tok.vocab_size}, special ids {tok.special} -> {args.out}")
+
+
+def data_corpus(args: argparse.Namespace) -> None:
+    from pipeline.data.corpus import build_corpus
+
+    stats = build_corpus(args.input, args.tokenizer, args.out, args.text_field, args.workers)
+    print(f"{stats.documents:,} documents, {stats.tokens:,} tokens in {stats.seconds:.1f}s "
+          f"({stats.tokens_per_s:,.0f} tokens/s) -> {args.out}.bin/.idx")
+
+
+def data_tasks(args: argparse.Namespace) -> None:
+    from pipeline.data.propositions import build_propositions
+
+    only = args.only.split(",") if args.only else None
+    summary = build_propositions(args.config, args.split, args.tokenizer, args.out, only, args.max_len, args.seed)
+    keys = ("examples", "propositions", "positives", "skipped", "truncated")
+    print(f"{'task':<16}" + "".join(f"{k:>14}" for k in keys))
+    for name, row in summary.items():
+        print(f"{name:<16}" + "".join(f"{row[k]:>14,}" for k in keys))
+    print(f"-> {args.out}/{args.split}.{{bin,idx,meta.npy,summary.json}}")
+
+
 def demo(args: argparse.Namespace) -> None:
     from pipeline.demo import run_demo
 
@@ -61,6 +97,38 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.vocab_pad_multiple=0")
     info.set_defaults(func=model_info)
 
+    tok = sub.add_parser("tokenizer", help="train or import a tokenizer").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    train = tok.add_parser("train", help="train a sentencepiece BPE tokenizer with [sep]/[cls]/pad/eos")
+    train.add_argument("--input", nargs="+", required=True, help="text files or globs")
+    train.add_argument("--vocab-size", type=int, default=32000)
+    train.add_argument("--sample-lines", type=int, default=2_000_000, help="lines sampled for training")
+    train.add_argument("--out", required=True, help="output directory")
+    train.set_defaults(func=tokenizer_train)
+    imp = tok.add_parser("import", help="a local Hugging Face (GPT-2) tokenizer, with the special tokens added")
+    imp.add_argument("--hf", required=True, help="Hugging Face tokenizer directory")
+    imp.add_argument("--out", required=True, help="output directory")
+    imp.set_defaults(func=tokenizer_import)
+
+    data = sub.add_parser("data", help="prepare the two data streams").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    corpus = data.add_parser("corpus", help="text / JSONL -> megatron indexed dataset (.bin/.idx)")
+    corpus.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl: one document per line)")
+    corpus.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    corpus.add_argument("--out", required=True, help="output prefix")
+    corpus.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    corpus.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    corpus.set_defaults(func=data_corpus)
+    tasks = data.add_parser("tasks", help="declared tasks -> tokenized true/false propositions")
+    tasks.add_argument("--config", required=True, help="tasks YAML, e.g. recipes/tasks.yaml")
+    tasks.add_argument("--split", required=True, help="split name, e.g. train or dev")
+    tasks.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    tasks.add_argument("--out", required=True, help="output directory")
+    tasks.add_argument("--only", default=None, help="comma-separated task names (default: all declaring the split)")
+    tasks.add_argument("--max-len", type=int, default=1024, help="truncate inputs (never propositions) to fit")
+    tasks.add_argument("--seed", type=int, default=0, help="seed for negative subsampling")
+    tasks.set_defaults(func=data_tasks)
+
     dem = sub.add_parser("demo", help="train a tiny FreeLM on both signals for a few steps (one CPU process)")
     dem.add_argument("--steps", type=int, default=40)
     dem.set_defaults(func=demo)
@@ -73,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except ConfigError as err:
         print(f"freelm: config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except DataError as err:
+        print(f"freelm: data error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,0 +1,128 @@
+"""The two resumable streams: language batches and teacher batches, sharded over data-parallel ranks.
+
+A stream walks one global order of sample indices. Each micro-step consumes `micro_batch * dp_size`
+samples: data-parallel rank r takes the r-th slice, and every tensor-parallel rank of that data-parallel
+rank takes the same one. The only state is `consumed_samples` (over all ranks), which the trainer saves in
+checkpoints; a loader rebuilt from it yields exactly what an uninterrupted run would have yielded next.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.propositions import PropositionDataset
+
+
+class EpochShuffled(Dataset):
+    """An endless view of a dataset: sample i is item perm_e[i mod n] of epoch e = i // n, where perm_e is a
+    permutation seeded by (seed, e)."""
+
+    def __init__(self, dataset: Any, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def __getitem__(self, i: int) -> Any:
+        epoch, pos = divmod(i, len(self.dataset))
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        return self.dataset[int(self._perm[pos])]
+
+
+class _RankBatches:
+    """Index lists of this rank's micro-batches, from `start` (global samples consumed) up to `total`."""
+
+    def __init__(self, micro_batch: int, dp_rank: int, dp_size: int, start: int, total: int | None):
+        self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
+        self.start, self.total = start, total
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.micro_batch * self.dp_size
+        first = self.start
+        while self.total is None or first + step <= self.total:
+            lo = first + self.dp_rank * self.micro_batch
+            yield list(range(lo, lo + self.micro_batch))
+            first += step
+
+
+class StreamLoader:
+    """Iterates this rank's micro-batches; `state_dict()` / `consumed_samples` restore the position."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        collate: Callable[[list], dict[str, torch.Tensor]],
+        micro_batch: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        consumed_samples: int = 0,
+        total_samples: int | None = None,
+        num_workers: int = 0,
+    ):
+        self.dataset, self.collate = dataset, collate
+        self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
+        self.consumed_samples, self.total_samples, self.num_workers = consumed_samples, total_samples, num_workers
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        batches = _RankBatches(self.micro_batch, self.dp_rank, self.dp_size, self.consumed_samples, self.total_samples)
+        loader = DataLoader(
+            self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
+            prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
+        )
+        for batch in loader:
+            self.consumed_samples += self.micro_batch * self.dp_size
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed_samples = state["consumed_samples"]
+
+
+def collate_language(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {
+        "tokens": torch.stack([torch.as_tensor(s["tokens"]) for s in samples]),
+        "targets": torch.stack([torch.as_tensor(s["labels"]) for s in samples]),
+        "loss_mask": torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]),
+    }
+
+
+def teacher_collate(pad_id: int) -> Callable[[list], dict[str, torch.Tensor]]:
+    """Right-pads propositions to the longest in the batch; `lengths` says where each one's [cls] is."""
+
+    def collate(samples: list[tuple[np.ndarray, int, int]]) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(ids) for ids, _, _ in samples])
+        tokens = torch.full((len(samples), int(lengths.max())), pad_id, dtype=torch.long)
+        for row, (ids, _, _) in enumerate(samples):
+            tokens[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
+        return {
+            "tokens": tokens,
+            "lengths": lengths,
+            "labels": torch.tensor([label for _, label, _ in samples]),
+            "tasks": torch.tensor([task for _, _, task in samples]),
+        }
+
+    return collate
+
+
+def teacher_loader(
+    prefix: str, max_len: int, pad_id: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int,
+    consumed_samples: int = 0, num_workers: int = 0,
+) -> StreamLoader:
+    """Endless, reshuffled each epoch."""
+    dataset = EpochShuffled(PropositionDataset(prefix, max_len), seed)
+    return StreamLoader(dataset, teacher_collate(pad_id), micro_batch, dp_rank, dp_size, consumed_samples,
+                        num_workers=num_workers)
+
+
+def language_loader(
+    dataset: Dataset, micro_batch: int, dp_rank: int, dp_size: int, consumed_samples: int = 0, num_workers: int = 0,
+) -> StreamLoader:
+    """Over a `language_dataset` (already shuffled and blended), to its end."""
+    return StreamLoader(dataset, collate_language, micro_batch, dp_rank, dp_size, consumed_samples,
+                        total_samples=len(dataset), num_workers=num_workers)

@@ -1,0 +1,161 @@
+"""Tokenizers with the recipe's special tokens (pad, eos, `[sep]`, `[cls]`) as real single ids.
+
+Two kinds behind one interface: a sentencepiece BPE model trained by `freelm tokenizer train`, or a local
+Hugging Face GPT-2 tokenizer directory (the paper continued from GPT-2) with the special tokens added.
+A tokenizer directory holds the model files plus `freelm_tokenizer.json`, which records what it is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+SEP, CLS = "[sep]", "[cls]"
+META_FILE = "freelm_tokenizer.json"
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    eos: int
+    sep: int
+    cls: int
+
+
+class Tokenizer:
+    """Text <-> ids. `[sep]` and `[cls]` written in text encode to their single ids; no id is added
+    implicitly (callers append `eos` per document)."""
+
+    kind: str
+    special: SpecialIds
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def _write_meta(self, out: Path, **extra) -> None:
+        meta = dict(kind=self.kind, vocab_size=self.vocab_size, special=asdict(self.special), **extra)
+        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+    MODEL_FILE = "tokenizer.model"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.special = SpecialIds(
+            pad=self.sp.pad_id(), eos=self.sp.eos_id(), sep=self.sp.piece_to_id(SEP), cls=self.sp.piece_to_id(CLS)
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def save(self, out_dir: str | Path, **extra) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / self.MODEL_FILE).write_bytes(self.proto)
+        self._write_meta(out, **extra)
+
+
+class HFTokenizer(Tokenizer):
+    """A local Hugging Face tokenizer directory (e.g. GPT-2's), with pad, `[sep]` and `[cls]` added as
+    special tokens when missing; eos is the tokenizer's own (`<|endoftext|>` for GPT-2)."""
+
+    kind = "huggingface"
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"{path}: the Hugging Face tokenizer has no eos token")
+        missing = [t for t in (SEP, CLS) if t not in self.tok.get_vocab()]
+        self.tok.add_special_tokens(
+            {"additional_special_tokens": missing} | ({} if self.tok.pad_token else {"pad_token": "<|pad|>"})
+        )
+        self.special = SpecialIds(
+            pad=self.tok.pad_token_id, eos=self.tok.eos_token_id,
+            sep=self.tok.convert_tokens_to_ids(SEP), cls=self.tok.convert_tokens_to_ids(CLS),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def save(self, out_dir: str | Path, **extra) -> None:
+        out = Path(out_dir)
+        self.tok.save_pretrained(str(out))
+        self._write_meta(out, **extra)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A directory written by `freelm tokenizer train`/`import`, or a plain Hugging Face tokenizer directory."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if meta_path.exists():
+        kind = json.loads(meta_path.read_text())["kind"]
+        if kind == SentencePieceTokenizer.kind:
+            return SentencePieceTokenizer((path / SentencePieceTokenizer.MODEL_FILE).read_bytes())
+        return HFTokenizer(path)
+    if (path / "tokenizer.json").exists() or (path / "vocab.json").exists():
+        return HFTokenizer(path)
+    raise FileNotFoundError(f"{path}: no tokenizer here (expected {META_FILE} or a Hugging Face tokenizer)")
+
+
+def train_sentencepiece(
+    files: Sequence[str | Path], out_dir: str | Path, vocab_size: int, sample_lines: int = 2_000_000, seed: int = 0
+) -> SentencePieceTokenizer:
+    """Train a byte-fallback BPE model that round-trips text exactly: identity normalisation, whitespace
+    kept as is, newline a piece of its own, digits split. Ids: 0 unk, 1 eos, 2 pad, 3 `[sep]`, 4 `[cls]`."""
+    import sentencepiece as spm
+
+    start = time.perf_counter()
+    spm.set_random_generator_seed(seed)
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        input=[str(f) for f in files], model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
+        unk_id=0, eos_id=1, pad_id=2, bos_id=-1, user_defined_symbols=[SEP, CLS, "\n"],
+        input_sentence_size=sample_lines, shuffle_input_sentence=True,
+        num_threads=2, minloglevel=2,
+    )
+    tok = SentencePieceTokenizer(proto.getvalue())
+    tok.save(out_dir, trained_on=[str(f) for f in files], train_seconds=round(time.perf_counter() - start, 2))
+    return tok
