@@ -38,16 +38,7 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML recipe (or start from defaults), apply `a.b=value` overrides, resolve the model preset,
     build the typed tree and validate it."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = read_yaml_mapping(Path(path), "config") if path is not None else {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -57,6 +48,21 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if isinstance(model, dict) and model.get("preset") is not None:
         data["model"] = {**preset_fields(model["preset"]), **model}
     return build(Config, data, "").validate()
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {}), with ConfigErrors naming the file."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return doc
 
 
 def preset_fields(name: str) -> dict[str, Any]:

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from pipeline.config import read_yaml_mapping
 from pipeline.errors import ConfigError, DataError
 
 FORMATS = ("tsv", "csv", "jsonl", "regex")
@@ -120,7 +120,7 @@ class TaskSpec:
 def load_tasks(path: str | Path, only: Sequence[str] | None = None) -> dict[str, TaskSpec]:
     """Parse and validate every task of a tasks YAML (no data file is read); return those in `only`."""
     path = Path(path)
-    doc = _read_yaml(path)
+    doc = read_yaml_mapping(path, "tasks")
     for key in doc:
         if key not in ("data_root", "tasks"):
             raise ConfigError(f"{path}: unknown key {key!r}; valid keys: data_root, tasks")
@@ -312,18 +312,6 @@ def _regex_rows(spec: TaskSpec, lines: _Lines) -> Iterator[_Record]:
 
 
 # Parsing declarations -----------------------------------------------------------------------------------
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"tasks file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with a 'tasks' key")
-    return doc
-
 
 def _expand(text: str, where: str) -> str:
     """Expand ${VAR} and ${VAR:-default} (the default also when VAR is empty, as in the shell)."""
