@@ -1,0 +1,45 @@
+"""DeepSpeed ZeRO over megatron-core's tensor-parallel grid.
+
+ZeRO partitions parameters, gradients and optimizer state over the data-parallel group while each
+tensor-parallel rank keeps its own shards. Two details make that composition correct:
+  - DeepSpeed asks its `mpu` for `get_model_parallel_*` and `get_data_parallel_*`; `MegatronMPU` answers
+    from megatron-core's `parallel_state`;
+  - `deepspeed.zero.Init` must be given the data-parallel group: with the default (WORLD) it broadcasts
+    every parameter from global rank 0 and overwrites TP rank 1's shards with rank 0's, silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import deepspeed
+import torch
+from megatron.core import parallel_state as ps
+from torch import nn
+
+
+class MegatronMPU:
+    """The model-parallel-unit interface DeepSpeed calls, backed by megatron-core's parallel_state."""
+
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+
+
+def build_model(make: Callable[[], nn.Module], ds_config: dict[str, Any]) -> nn.Module:
+    """Construct the model; under ZeRO-3 inside `zero.Init`, so no rank ever holds the whole of it."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return make()
+    with deepspeed.zero.Init(data_parallel_group=ps.get_data_parallel_group(), config_dict_or_path=ds_config):
+        return make()
+
+
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=MegatronMPU())
+    return engine
