@@ -40,12 +40,15 @@ def model_info(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def report_tokenizer(tok, out: str) -> None:
+    print(f"tokenizer: {tok.kind}, vocab {tok.vocab_size}, special ids {tok.special} -> {out}")
+
+
 def tokenizer_train(args: argparse.Namespace) -> None:
     from pipeline.data.corpus import expand_inputs
     from pipeline.data.tokenizer import train_sentencepiece
 
-    tok = train_sentencepiece(expand_inputs(args.input), args.out, args.vocab_size, args.sample_lines)
-    print(f"tokenizer: {tok.kind}, vocab {tok.vocab_size}, special ids {tok.special} -> {args.out}")
+    report_tokenizer(train_sentencepiece(expand_inputs(args.input), args.out, args.vocab_size, args.sample_lines), args.out)
 
 
 def tokenizer_import(args: argparse.Namespace) -> None:
@@ -53,7 +56,7 @@ def tokenizer_import(args: argparse.Namespace) -> None:
 
     tok = HFTokenizer(args.hf)
     tok.save(args.out, imported_from=str(args.hf))
-    print(f"tokenizer: {tok.kind}, vocab {tok.vocab_size}, special ids {tok.special} -> {args.out}")
+    report_tokenizer(tok, args.out)
 
 
 def data_corpus(args: argparse.Namespace) -> None:
