@@ -79,6 +79,17 @@ def data_tasks(args: argparse.Namespace) -> None:
     print(f"-> {args.out}/{args.split}.{{bin,idx,meta.npy,summary.json}}")
 
 
+def train(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from pipeline.train.trainer import TrainingError, train as run_training
+
+    try:
+        run_training(cfg)
+    except TrainingError as err:
+        print(f"freelm: training stopped: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
 def demo(args: argparse.Namespace) -> None:
     from pipeline.demo import run_demo
 
@@ -89,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="freelm", description="FreeLM pretraining: language + teacher signals, DeepSpeed ZeRO-3 x megatron TP."
     )
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is used.
+    top.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("model-info", help="parameter counts and FLOPs of a model size (built on the meta device)")
@@ -102,12 +115,12 @@ def parser() -> argparse.ArgumentParser:
 
     tok = sub.add_parser("tokenizer", help="train or import a tokenizer").add_subparsers(
         dest="action", required=True, metavar="ACTION")
-    train = tok.add_parser("train", help="train a sentencepiece BPE tokenizer with [sep]/[cls]/pad/eos")
-    train.add_argument("--input", nargs="+", required=True, help="text files or globs")
-    train.add_argument("--vocab-size", type=int, default=32000)
-    train.add_argument("--sample-lines", type=int, default=2_000_000, help="lines sampled for training")
-    train.add_argument("--out", required=True, help="output directory")
-    train.set_defaults(func=tokenizer_train)
+    spm = tok.add_parser("train", help="train a sentencepiece BPE tokenizer with [sep]/[cls]/pad/eos")
+    spm.add_argument("--input", nargs="+", required=True, help="text files or globs")
+    spm.add_argument("--vocab-size", type=int, default=32000)
+    spm.add_argument("--sample-lines", type=int, default=2_000_000, help="lines sampled for training")
+    spm.add_argument("--out", required=True, help="output directory")
+    spm.set_defaults(func=tokenizer_train)
     imp = tok.add_parser("import", help="a local Hugging Face (GPT-2) tokenizer, with the special tokens added")
     imp.add_argument("--hf", required=True, help="Hugging Face tokenizer directory")
     imp.add_argument("--out", required=True, help="output directory")
@@ -131,6 +144,11 @@ def parser() -> argparse.ArgumentParser:
     tasks.add_argument("--max-len", type=int, default=1024, help="truncate inputs (never propositions) to fit")
     tasks.add_argument("--seed", type=int, default=0, help="seed for negative subsampling")
     tasks.set_defaults(func=data_tasks)
+
+    trn = sub.add_parser("train", help="train FreeLM (start with torchrun, the deepspeed launcher or srun)")
+    trn.add_argument("--config", default=None, help="a YAML recipe, e.g. recipes/tiny.yaml")
+    trn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
+    trn.set_defaults(func=train)
 
     dem = sub.add_parser("demo", help="train a tiny FreeLM on both signals for a few steps (one CPU process)")
     dem.add_argument("--steps", type=int, default=40)

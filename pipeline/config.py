@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,13 +26,95 @@ class ParallelConfig:
 
 
 @dataclass
+class DataConfig:
+    tokenizer: str = ""  # a tokenizer directory (freelm tokenizer train / import)
+    corpora: list[str] = field(default_factory=list)  # indexed-dataset prefixes (freelm data corpus --out)
+    corpus_weights: list[float] | None = None  # blending weights, one per corpus (default: by size)
+    teacher: str = ""  # a propositions prefix, e.g. data/teacher/train (freelm data tasks)
+    seq_len: int | None = None  # language sample length (default: model.max_seq_len); propositions are cut to it
+    num_workers: int = 1  # loader worker processes per stream
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/freelm"
+    ds_config: str = "ds_configs/zero3_bf16.json"  # precision, ZeRO stage and offload live there
+    steps: int = 1000  # optimizer steps, both signals together
+    schedule: Literal["interactive", "mixed"] = "interactive"
+    language_steps: int = 1  # interactive: N language steps, then
+    teacher_steps: int = 1  # ... M teacher steps, repeated
+    language_weight: float = 1.0  # mixed: loss = w_l * language + w_t * teacher
+    teacher_weight: float = 1.0
+    micro_batch: int = 8  # language sequences per micro-step per data-parallel rank
+    teacher_micro_batch: int = 32  # propositions per micro-step per data-parallel rank
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    save_every: int = 500
+    log_every: int = 1
+    exit_after: int | None = None  # stop (with a checkpoint) after this many steps in this job
+    max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
+    activation_checkpointing: bool = False
+    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs, or a matmul measured on CPU
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under the run directory
+    experiment: str = "freelm"
+    run_name: str | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> Config:
         self.model.validate(self.parallel.tensor_parallel)
+        train = self.train
+        positive = ("steps", "language_steps", "teacher_steps", "micro_batch", "teacher_micro_batch", "grad_accum",
+                    "save_every", "log_every", "max_consecutive_skips")
+        for key in positive:
+            if getattr(train, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+        if self.data.seq_len is None:
+            self.data.seq_len = self.model.max_seq_len
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+        weights = self.data.corpus_weights
+        if weights is not None and len(weights) != len(self.data.corpora):
+            raise ConfigError(
+                f"data.corpus_weights has {len(weights)} entries for {len(self.data.corpora)} data.corpora"
+            )
         return self
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'d_model': 64}} -> {'model.d_model': 64}, e.g. for tracking params."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -120,7 +202,8 @@ def check_type(name: str, value: Any, kind: Any) -> Any:
             return value
         if option in (str, bool) and isinstance(value, option):
             return value
-        if origin in (list, dict) and isinstance(value, origin):
+        container = origin or option
+        if container in (list, dict) and isinstance(value, container):
             return value
     raise ConfigError(f"{name}: expected {describe(kind)}, got {value!r}")
 

@@ -8,8 +8,7 @@ call computes one signal, as in the paper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.utils import get_pg_size, get_tensor_model_parallel_group_if_none
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.layers import Block, LearnedPositions, make_norm, normal_init
@@ -29,18 +29,17 @@ from pipeline.model.layers import Block, LearnedPositions, make_norm, normal_ini
 Signal = Literal["language", "teacher"]
 
 
-@dataclass
-class LanguageOutput:
+class LanguageOutput(NamedTuple):
     """`loss`: mean next-token loss over `loss_mask`; `token_loss`: -log p(target) per position
-    (batch, seq); `logits`: this rank's vocab shard (batch, seq, vocab/tp), only when no targets are given."""
+    (batch, seq); `logits`: this rank's vocab shard (batch, seq, vocab/tp), only when no targets are given.
+    (Outputs are named tuples so that DeepSpeed ZeRO-3 can find their tensors to hook.)"""
 
     loss: torch.Tensor | None = None
     token_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
 
-@dataclass
-class TeacherOutput:
+class TeacherOutput(NamedTuple):
     """`logits`: (batch, 2) for [false, true]; `loss`: 2-way cross-entropy when labels are given."""
 
     logits: torch.Tensor
@@ -100,6 +99,7 @@ class FreeLM(nn.Module):
         self.norm = make_norm(cfg)
         self.lm_head = TiedLMHead(self.embed)
         self.teacher_head = TeacherHead(cfg.d_model, cfg.init_std)
+        self.activation_checkpointing = False  # recompute each block's activations in backward
 
     def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
         """Hidden states (batch, seq, d_model) after the last block, before the final norm."""
@@ -108,7 +108,10 @@ class FreeLM(nn.Module):
             x = x + self.positions(tokens.shape[1])
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
     def forward(
@@ -131,6 +134,9 @@ class FreeLM(nn.Module):
             token_loss = vocab_parallel_cross_entropy(logits.float(), targets)
             mask = torch.ones_like(token_loss) if loss_mask is None else loss_mask.to(token_loss.dtype)
             loss = (token_loss * mask).sum() / mask.sum().clamp(min=1)
+            # The teacher head joins with weight 0 so every parameter gets a gradient at every step: ZeRO's
+            # flat gradient buffers otherwise re-apply a parameter's last gradient when it gets none.
+            loss = loss + 0.0 * self.teacher_head(h[:, -1]).sum()
             return LanguageOutput(loss=loss, token_loss=token_loss)
         if signal == "teacher":
             if lengths is None:

@@ -21,10 +21,15 @@ class ModelSize:
     non_embedding_params: int
     teacher_head_params: int
     flops_per_token: int
+    dense_flops_per_token: int
+    attention_flops_per_position: int
     vocab_size: int
     padded_vocab_size: int
     tensor_parallel: int
     seq_len: int
+
+    def train_flops_per_token(self, seq_len: int) -> int:
+        return self.dense_flops_per_token + self.attention_flops_per_position * seq_len
 
 
 def measure(cfg: ModelConfig, tp: int = 1, seq_len: int | None = None) -> ModelSize:
@@ -46,13 +51,16 @@ def measure(cfg: ModelConfig, tp: int = 1, seq_len: int | None = None) -> ModelS
     total = sum(p.numel() for p in params)
     per_rank = sum(p.numel() // tp if getattr(p, "tensor_model_parallel", False) else p.numel() for p in params)
     non_embedding = sum(p.numel() for p in params if id(p) not in embeddings)
-    flops = 6 * (non_embedding + padded * cfg.d_model) + 12 * cfg.n_layers * cfg.d_model * seq_len
+    dense = 6 * (non_embedding + padded * cfg.d_model)
+    attention = 12 * cfg.n_layers * cfg.d_model
     return ModelSize(
         total_params=total,
         params_per_tp_rank=per_rank,
         non_embedding_params=non_embedding,
         teacher_head_params=sum(p.numel() for p in model.teacher_head.parameters()),
-        flops_per_token=flops,
+        flops_per_token=dense + attention * seq_len,
+        dense_flops_per_token=dense,
+        attention_flops_per_position=attention,
         vocab_size=cfg.vocab_size,
         padded_vocab_size=padded,
         tensor_parallel=tp,

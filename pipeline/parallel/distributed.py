@@ -35,6 +35,8 @@ def launch_env() -> LaunchEnv:
 def init_parallel(tensor_parallel: int = 1) -> LaunchEnv:
     """Join the default process group (NCCL on GPU, gloo on CPU) and build megatron-core's TP x DP grid."""
     launch = launch_env()
+    # DeepSpeed reads these names whichever launcher (or none) started the process.
+    os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():

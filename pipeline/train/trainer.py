@@ -1,0 +1,264 @@
+"""`freelm train`: the FreeLM recipe under DeepSpeed ZeRO over megatron-core tensor parallelism.
+
+Each optimizer step trains the signal(s) the schedule names, over `grad_accum` micro-batches per
+data-parallel rank. Rank 0 logs both loss streams, teacher accuracy, learning rate, grad norm, tokens/s
+and MFU. Checkpoints carry the step and both streams' positions; a run directory with a checkpoint
+resumes from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state as ps
+
+from pipeline.config import Config, flatten, to_dict
+from pipeline.data.lm_dataset import language_dataset
+from pipeline.data.loaders import StreamLoader, language_loader, teacher_loader
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.errors import ConfigError
+from pipeline.model.freelm import FreeLM
+from pipeline.model.size import measure
+from pipeline.parallel.distributed import destroy_parallel, init_parallel
+from pipeline.parallel.engine import build_engine, build_model, deepspeed_config
+from pipeline.train import checkpoint
+from pipeline.train.optim import make_optimizer
+from pipeline.train.schedule import LANGUAGE, TEACHER, Schedule, learning_rate
+from pipeline.train.throughput import peak_flops
+
+log = logging.getLogger("freelm.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint records besides DeepSpeed's own state."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    streams: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    tokens: int  # token positions computed, over all data-parallel ranks
+    flops: float  # model FLOPs of those tokens (forward + backward)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg, self.train_cfg = cfg, cfg.train
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.schedule = Schedule.from_config(cfg.train)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                f"({self.tokenizer.vocab_size}, {cfg.data.tokenizer})"
+            )
+        self.ds_config = deepspeed_config(
+            cfg.train.ds_config, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_clip
+        )
+        self.fp16 = self.ds_config.get("fp16", {}).get("enabled", False)
+
+        torch.manual_seed(cfg.train.seed)  # identical on every rank: the model is initialised alike
+        model = build_model(lambda: FreeLM(cfg.model), self.ds_config)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        optimizer, self.optimizer_name = make_optimizer(model, cfg.train, self.ds_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
+        self.engine = build_engine(model, optimizer, self.ds_config, scheduler)
+
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.size = measure(cfg.model, cfg.parallel.tensor_parallel, cfg.data.seq_len)
+        self.peak, self.peak_source = peak_flops(cfg.train.peak_tflops)
+        self.state = TrainState()
+        client_state = checkpoint.load_latest(self.engine, self.ckpt_dir)
+        if client_state is not None:
+            self.state = TrainState(**client_state["trainer"])
+        else:
+            torch.manual_seed(cfg.train.seed + 1 + self.dp_rank)  # dropout differs across data-parallel ranks
+        self.streams = self._streams()
+
+    def _streams(self) -> dict[str, StreamLoader]:
+        cfg, train = self.cfg, self.train_cfg
+        per_step = train.grad_accum * self.dp_size
+        language_samples = self.schedule.count(LANGUAGE, train.steps) * per_step * train.micro_batch
+        lm = language_dataset(
+            cfg.data.corpora, cfg.data.corpus_weights, cfg.data.seq_len, max(language_samples, 1), self.tokenizer,
+            train.seed, self.run_dir / "data_cache",
+        )
+        streams = {
+            LANGUAGE: language_loader(lm, train.micro_batch, self.dp_rank, self.dp_size,
+                                      num_workers=cfg.data.num_workers),
+            TEACHER: teacher_loader(cfg.data.teacher, cfg.data.seq_len, self.tokenizer.special.pad,
+                                    train.teacher_micro_batch, self.dp_rank, self.dp_size, train.seed,
+                                    num_workers=cfg.data.num_workers),
+        }
+        for name, stream in streams.items():
+            if name in self.state.streams:
+                stream.load_state_dict(self.state.streams[name])
+        return streams
+
+    def run(self) -> TrainState:
+        """Train to `train.steps` (or `train.exit_after` steps of this job), checkpointing as configured."""
+        train, state = self.train_cfg, self.state
+        tracker = self._tracker()
+        self._log_start()
+        iterators = {name: iter(stream) for name, stream in self.streams.items()}
+        stop = train.steps if train.exit_after is None else min(train.steps, state.step + train.exit_after)
+        status = "FAILED"
+        try:
+            while state.step < stop:
+                start, lr = time.perf_counter(), self.engine.get_lr()[0]
+                result = self._step(iterators, self.schedule.signals(state.step))
+                elapsed = time.perf_counter() - start
+                applied = self.engine.was_step_applied()
+                state.step += 1
+                state.skipped_steps += not applied
+                state.consecutive_skips = 0 if applied else state.consecutive_skips + 1
+                metrics = self._metrics(result, elapsed, applied, lr)
+                if tracker is not None:
+                    tracker.log(state.step, metrics)
+                if dist.get_rank() == 0 and (state.step % train.log_every == 0 or not applied):
+                    log.info(self._progress_line(metrics))
+                if state.consecutive_skips >= train.max_consecutive_skips:
+                    raise TrainingError(
+                        f"non-finite loss or gradients for {state.consecutive_skips} consecutive steps "
+                        f"(up to step {state.step}); stopping. Last checkpoint: "
+                        f"{checkpoint.latest_tag(self.ckpt_dir) or 'none'} in {self.ckpt_dir}"
+                    )
+                if state.step % train.save_every == 0 or state.step == stop:
+                    self._save()
+            status = "FINISHED"
+        finally:
+            if tracker is not None:
+                tracker.close(status=status)
+        return state
+
+    def _step(self, iterators: dict[str, Any], signals: tuple[str, ...]) -> StepResult:
+        train = self.train_cfg
+        sums: dict[str, float] = {}
+        tokens = flops = 0.0
+        weights = {LANGUAGE: train.language_weight, TEACHER: train.teacher_weight}
+        for _ in range(train.grad_accum):
+            total = 0.0
+            for signal in signals:
+                batch = {k: v.to(self.engine.device) for k, v in next(iterators[signal]).items()}
+                loss, extra = self._forward(signal, batch)
+                total = total + (weights[signal] * loss if len(signals) > 1 else loss)
+                sums[f"loss/{signal}"] = sums.get(f"loss/{signal}", 0.0) + loss.item()
+                for key, value in extra.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                positions = batch["tokens"].numel()
+                tokens += positions
+                flops += positions * self.size.train_flops_per_token(batch["tokens"].shape[1])
+            self.engine.backward(total)
+            self.engine.step()
+        reduced = torch.tensor([*sums.values(), tokens, flops], dtype=torch.float64)
+        dist.all_reduce(reduced, group=ps.get_data_parallel_group())
+        *values, tokens, flops = reduced.tolist()
+        metrics = {key: value / (train.grad_accum * self.dp_size) for key, value in zip(sums, values)}
+        return StepResult(metrics, int(tokens), flops)
+
+    def _forward(self, signal: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if signal == LANGUAGE:
+            out = self.engine(batch["tokens"], signal=LANGUAGE, targets=batch["targets"], loss_mask=batch["loss_mask"])
+            return out.loss, {}
+        out = self.engine(batch["tokens"], signal=TEACHER, lengths=batch["lengths"], labels=batch["labels"])
+        accuracy = (out.logits.argmax(dim=-1) == batch["labels"]).float().mean().item()
+        return out.loss, {"teacher/accuracy": accuracy}
+
+    def _metrics(self, result: StepResult, elapsed: float, applied: bool, lr: float) -> dict[str, float]:
+        metrics = dict(result.metrics)
+        metrics["lr"] = lr
+        grad_norm = self.engine.get_global_grad_norm()
+        if applied and grad_norm is not None and math.isfinite(grad_norm):
+            metrics["grad_norm"] = float(grad_norm)
+        metrics["throughput/tokens_per_s"] = result.tokens / elapsed
+        metrics["throughput/mfu"] = result.flops / (elapsed * self.peak * dist.get_world_size())
+        metrics["train/skipped_steps"] = float(self.state.skipped_steps)
+        if self.fp16:
+            metrics["loss_scale"] = float(self.engine.optimizer.loss_scale)
+        return metrics
+
+    def _progress_line(self, metrics: dict[str, float]) -> str:
+        shown = [f"step {self.state.step}/{self.train_cfg.steps}"]
+        for key in ("loss/language", "loss/teacher", "teacher/accuracy", "lr", "grad_norm"):
+            if key in metrics:
+                shown.append(f"{key} {metrics[key]:.4g}")
+        shown.append(f"{metrics['throughput/tokens_per_s']:,.0f} tok/s")
+        shown.append(f"MFU {100 * metrics['throughput/mfu']:.1f}%")
+        if self.state.consecutive_skips:
+            shown.append(f"SKIPPED (non-finite; {self.state.skipped_steps} so far)")
+        return " | ".join(shown)
+
+    def _save(self) -> None:
+        self.state.streams = {name: stream.state_dict() for name, stream in self.streams.items()}
+        path = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, {"trainer": vars(self.state)})
+        if dist.get_rank() == 0:
+            log.info(f"checkpoint: {path}")
+
+    def _tracker(self):
+        if dist.get_rank() != 0 or not self.cfg.tracking.enabled:
+            return None
+        from pipeline.train.tracking import Tracker
+
+        tracking = self.cfg.tracking
+        return Tracker(self.run_dir, uri=tracking.uri, experiment=tracking.experiment, run_name=tracking.run_name,
+                       params=flatten(to_dict(self.cfg)))
+
+    def _log_start(self) -> None:
+        if dist.get_rank() != 0:
+            return
+        cfg, size = self.cfg, self.size
+        precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp16" if self.fp16 else "fp32"
+        attention = "SDPA (flash / memory-efficient kernels)" if torch.cuda.is_available() else "SDPA (CPU math kernel)"
+        lines = [
+            f"run directory: {self.run_dir.resolve()} (resuming at step {self.state.step})" if self.state.step
+            else f"run directory: {self.run_dir.resolve()}",
+            f"grid: world {dist.get_world_size()} = TP {cfg.parallel.tensor_parallel} x DP {self.dp_size}; "
+            f"ZeRO stage {self.ds_config.get('zero_optimization', {}).get('stage', 0)}; precision {precision}",
+            f"model: {size.total_params:,} params ({size.params_per_tp_rank:,} per TP rank), vocab {size.padded_vocab_size}",
+            f"kernels: attention {attention}; optimizer {self.optimizer_name}; LM loss megatron vocab-parallel "
+            f"cross-entropy; norms torch {'LayerNorm' if cfg.model.block == 'gpt2' else 'RMSNorm'}",
+            f"schedule: {self.schedule.mode} {cfg.train.language_steps}:{cfg.train.teacher_steps}, "
+            f"{cfg.train.steps} steps; MFU against {self.peak / 1e12:.2f} TFLOP/s per device ({self.peak_source})",
+        ]
+        for line in lines:
+            log.info(line)
+
+
+def write_resolved_config(cfg: Config) -> None:
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    (run_dir / "config.yaml").write_text(text)
+    log.info("resolved config:\n" + text)
+
+
+def train(cfg: Config) -> TrainState:
+    """Entry point for every rank (torchrun, the deepspeed launcher or srun set the environment)."""
+    init_parallel(cfg.parallel.tensor_parallel)
+    logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        if dist.get_rank() == 0:
+            write_resolved_config(cfg)
+        return Trainer(cfg).run()
+    finally:
+        destroy_parallel()

@@ -1,0 +1,220 @@
+"""The trainer, end to end on real data: DeepSpeed ZeRO-3 over DP, TP and a TP x DP grid of gloo processes,
+the two-signal schedule, exact resume, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from distributed import free_port, run_ranks
+from mlflow_server import MlflowServer
+
+REPO = Path(__file__).resolve().parents[1]
+BOOKS = SHARED_DATA / "lm" / "gutenberg_nltk"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Tokenizer, a Gutenberg corpus and TREC + CoLA train propositions, prepared by the CLI. (TREC's six
+    candidates per question give the teacher a base rate a tiny model learns within a short run.)"""
+    root = tmp_path_factory.mktemp("data")
+    books = [str(BOOKS / name) for name in ("austen-persuasion.txt", "chesterton-brown.txt")]
+
+    def freelm(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "pipeline.cli", *args], check=True, capture_output=True, cwd=REPO)
+
+    freelm("tokenizer", "train", "--input", *books, "--vocab-size", "1000", "--out", str(root / "tok"))
+    freelm("data", "corpus", "--input", *books, "--tokenizer", str(root / "tok"), "--out", str(root / "lm"))
+    freelm("data", "tasks", "--config", str(REPO / "recipes" / "tasks.yaml"), "--split", "train", "--only", "trec,cola",
+           "--tokenizer", str(root / "tok"), "--out", str(root / "teacher"), "--max-len", "64")
+    return root
+
+
+def overrides(data: Path, run_dir: Path, **extra) -> list[str]:
+    base = {
+        "model.preset": "tiny", "model.vocab_size": 1000, "data.tokenizer": data / "tok",
+        "data.corpora": f"[{data / 'lm'}]", "data.teacher": data / "teacher" / "train", "data.seq_len": 64,
+        "data.num_workers": 0, "train.run_dir": run_dir, "train.ds_config": REPO / "ds_configs" / "zero3.json",
+        "train.lr": 3e-3, "train.min_lr": 3e-4, "train.warmup_steps": 4, "train.micro_batch": 8,
+        "train.teacher_micro_batch": 16, "train.save_every": 1000, "train.seed": 7,
+    }
+    base.update(extra)
+    return [f"{key}={value}" for key, value in base.items()]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def series(rows: list[dict], key: str) -> list[float]:
+    return [row[key] for row in rows if key in row]
+
+
+def train_rank(args: list[str]) -> None:
+    from pipeline.config import load_config
+    from pipeline.train.trainer import train
+
+    train(load_config(None, args))
+
+
+def launch(tool: str, nprocs: int, args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start `freelm train` the way users do: the deepspeed launcher or torchrun."""
+    port = str(free_port())
+    launcher = {
+        "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
+                      "--master_port", port, "--module", "pipeline.cli"],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+                     "--master_port", port, "-m", "pipeline.cli"],
+    }[tool]
+    out = subprocess.run([*launcher, "train", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_schedule_patterns():
+    from pipeline.config import TrainConfig
+    from pipeline.train.schedule import Schedule, learning_rate
+
+    one = Schedule("interactive", 1, 1)
+    assert [one.signals(s) for s in range(4)] == [("language",), ("teacher",)] * 2
+    three = Schedule("interactive", 3, 1)
+    assert [three.signals(s)[0][0] for s in range(8)] == list("llltlllt")
+    assert [three.count("language", n) for n in (1, 3, 4, 7, 8)] == [1, 3, 3, 6, 6]
+    assert [three.count("teacher", n) for n in (3, 4, 8)] == [0, 1, 2]
+    assert Schedule("mixed").signals(5) == ("language", "teacher") and Schedule("mixed").count("teacher", 9) == 9
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert learning_rate(0, cfg) == 0.1 and learning_rate(9, cfg) == 1.0
+    assert learning_rate(10, cfg) == 1.0 and abs(learning_rate(100, cfg) - 0.1) < 1e-9
+
+
+def test_zero3_dp2_trains_both_signals_with_the_deepspeed_launcher(data, tmp_path):
+    run = tmp_path / "run"
+    out = launch("deepspeed", 2, overrides(data, run, **{"train.steps": 60}))
+    assert "grid: world 2 = TP 1 x DP 2; ZeRO stage 3" in out.stderr + out.stdout
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    language, teacher = series(rows, "loss/language"), series(rows, "loss/teacher")
+    assert len(language) == len(teacher) == 30  # interactive 1:1
+    assert sum(language[-5:]) < sum(language[:5]) * 0.9
+    assert sum(teacher[-8:]) < sum(teacher[:8]) * 0.9
+    assert all(key in rows[-1] for key in ("lr", "grad_norm", "throughput/tokens_per_s", "throughput/mfu"))
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000060"
+    from mlflow.tracking import MlflowClient
+
+    saved = json.loads((run / "mlflow_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    assert len(client.get_metric_history(saved["run_id"], "loss/language")) == 30
+    assert len(client.get_metric_history(saved["run_id"], "loss/teacher")) == 30
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row.get("loss/language", row.get("loss/teacher")) for row in metrics(run_dir)]
+
+
+def test_tp2_and_tp2_x_dp2_match_tp1(data, tmp_path):
+    """Same global batch (8 sequences / 16 propositions) on 1, 2 (TP) and 4 (TP x DP) processes; schedule 2:1."""
+    steps = {"train.steps": 6, "train.language_steps": 2, "tracking.enabled": "true"}
+    run_ranks(train_rank, 1, overrides(data, tmp_path / "tp1", **steps))
+    launch("torchrun", 2, overrides(data, tmp_path / "tp2", **steps, **{"parallel.tensor_parallel": 2}))
+    run_ranks(train_rank, 4, overrides(data, tmp_path / "grid", **steps, **{
+        "parallel.tensor_parallel": 2, "train.micro_batch": 4, "train.teacher_micro_batch": 8}))
+    reference = losses(tmp_path / "tp1")
+    assert [("loss/teacher" in r) for r in metrics(tmp_path / "tp1")] == [False, False, True] * 2
+    for name in ("tp2", "grid"):
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / name)), torch.tensor(reference), rtol=1e-4, atol=1e-5)
+
+
+def test_stop_and_resume_is_exact(data, tmp_path):
+    steps = {"train.steps": 8, "train.save_every": 4}
+    run_ranks(train_rank, 2, overrides(data, tmp_path / "straight", **steps))
+    run_ranks(train_rank, 2, overrides(data, tmp_path / "resumed", **steps, **{"train.exit_after": 4}))
+    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step_00000004"
+    run_ranks(train_rank, 2, overrides(data, tmp_path / "resumed", **steps))
+    assert [r["step"] for r in metrics(tmp_path / "resumed")] == list(range(1, 9))
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def nan_rank(args: list[str], bad_batches: list[int]) -> None:
+    """Train with NaN written into the loss mask of the given language batches (counted from 0)."""
+    from pipeline.data import loaders
+
+    clean, calls = loaders.collate_language, {"n": 0}
+
+    def poisoned(samples):
+        batch = clean(samples)
+        if calls["n"] in bad_batches:
+            batch["loss_mask"][0, 0] = float("nan")
+        calls["n"] += 1
+        return batch
+
+    loaders.collate_language = poisoned
+    train_rank(args)
+
+
+def test_a_nan_batch_is_skipped_and_counted(data, tmp_path):
+    run_ranks(nan_rank, 1, overrides(data, tmp_path, **{"train.steps": 6}), [1])
+    rows = metrics(tmp_path)
+    assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]  # language batch 1 is step 3
+    assert rows[2]["loss/language"] is None and "grad_norm" not in rows[2]
+    assert all(isinstance(r.get("loss/language", 0.0), float) for r in rows[3:])
+
+
+def test_consecutive_nan_steps_stop_with_the_checkpoint_intact(data, tmp_path):
+    args = overrides(data, tmp_path, **{"train.steps": 20, "train.save_every": 2, "train.max_consecutive_skips": 2,
+                                        "train.schedule": "mixed"})
+    with pytest.raises(Exception, match="non-finite loss or gradients for 2 consecutive steps"):
+        run_ranks(nan_rank, 1, args, [2, 3, 4, 5])
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_mlflow_server_gets_both_series_and_an_outage_does_not_stop_training(data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    server = MlflowServer(tmp_path / "mlflow")
+    (tmp_path / "mlflow").mkdir()
+    server.start()
+    run = tmp_path / "run"
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    args = overrides(data, run, **{"train.steps": 60, "tracking.uri": server.uri})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        at_kill = wait_for_lines(run / "metrics.jsonl", 10, proc)
+        server.stop(signal.SIGKILL)
+        during = wait_for_lines(run / "metrics.jsonl", at_kill + 5, proc)
+        assert during >= at_kill + 5  # training went on while the server was down
+        server.start()
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "unreachable" in stderr
+        assert [row["step"] for row in metrics(run)] == list(range(1, 61))
+        run_id = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+        client = MlflowClient(server.uri)
+        for key in ("loss/language", "loss/teacher"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(
+                range(1 if key == "loss/language" else 2, 61, 2))
+        assert client.get_run(run_id).data.params["model.preset"] == "tiny"
+    finally:
+        proc.kill()
+        server.stop()
+
+
+def wait_for_lines(path: Path, count: int, proc: subprocess.Popen, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        lines = len(path.read_text().splitlines()) if path.exists() else 0
+        if lines >= count:
+            return lines
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {count} lines (training exited: {proc.poll()})")
