@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.model.presets import PRESETS
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def test_yaml_preset_and_overrides(tmp_path):
@@ -86,3 +89,9 @@ def test_cli_reports_config_errors_in_one_line():
     out = freelm("model-info", "--preset", "0.3b", "--tp", "3")
     assert out.returncode == 2
     assert out.stderr.strip() == "freelm: config error: model.n_heads (16) must be divisible by parallel.tensor_parallel (3)"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml") if p.name != "tasks.yaml"))
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(RECIPES / recipe)
+    assert cfg.data.seq_len <= cfg.model.max_seq_len and cfg.train.ds_config.startswith("ds_configs/")

@@ -176,6 +176,33 @@ def test_consecutive_nan_steps_stop_with_the_checkpoint_intact(data, tmp_path):
         run_ranks(nan_rank, 1, args, [2, 3, 4, 5])
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
     assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
+    rows = metrics(tmp_path)
+    assert all("loss/language" in r and "loss/teacher" in r for r in rows)  # mixed: both signals every step
+
+
+def test_zero_stages_and_activation_checkpointing_give_the_same_losses(data, tmp_path):
+    """fp32 on one process: ZeRO-3 is the reference; ZeRO-1, ZeRO-2 and activation checkpointing change how
+    memory is spent, not the numbers."""
+    steps = {"train.steps": 4}
+    run_ranks(train_rank, 1, overrides(data, tmp_path / "zero3", **steps))
+    run_ranks(train_rank, 1, overrides(data, tmp_path / "ac", **steps, **{"train.activation_checkpointing": "true"}))
+    for stage in (1, 2):
+        ds_config = json.loads((REPO / "ds_configs" / f"zero{stage}_bf16.json").read_text())
+        del ds_config["bf16"]  # these CPUs have no bf16 units: compare in fp32
+        (tmp_path / f"zero{stage}.json").write_text(json.dumps(ds_config))
+        run_ranks(train_rank, 1, overrides(data, tmp_path / f"run{stage}", **steps,
+                                           **{"train.ds_config": tmp_path / f"zero{stage}.json"}))
+    reference = torch.tensor(losses(tmp_path / "zero3"))
+    for name in ("ac", "run1", "run2"):
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / name)), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_zero3_trains(data, tmp_path):
+    out = launch("deepspeed", 1, overrides(data, tmp_path, **{
+        "train.steps": 4, "train.micro_batch": 2, "train.teacher_micro_batch": 4,
+        "train.ds_config": REPO / "ds_configs" / "zero3_bf16.json"}))
+    assert "precision bf16" in out.stdout + out.stderr
+    assert all(0 < value < 10 for value in losses(tmp_path))
 
 
 def test_mlflow_server_gets_both_series_and_an_outage_does_not_stop_training(data, tmp_path):
@@ -218,3 +245,16 @@ def wait_for_lines(path: Path, count: int, proc: subprocess.Popen, timeout: floa
             return lines
         time.sleep(0.05)
     raise AssertionError(f"{path} did not reach {count} lines (training exited: {proc.poll()})")
+
+
+def test_batch_geometry_has_one_source_of_truth(tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.parallel.engine import deepspeed_config
+
+    filled = deepspeed_config(REPO / "ds_configs" / "zero3_bf16.json", micro_batch=4, grad_accum=2, grad_clip=0.5)
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (4, 2)
+    assert filled["gradient_clipping"] == 0.5 and filled["zero_optimization"]["stage"] == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="sets 'gradient_accumulation_steps'; it comes from the recipe"):
+        deepspeed_config(bad, 4, 2, 1.0)

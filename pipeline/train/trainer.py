@@ -226,7 +226,13 @@ class Trainer:
             return
         cfg, size = self.cfg, self.size
         precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp16" if self.fp16 else "fp32"
-        attention = "SDPA (flash / memory-efficient kernels)" if torch.cuda.is_available() else "SDPA (CPU math kernel)"
+        attention = "SDPA, CPU math kernel"
+        if torch.cuda.is_available():
+            enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
+                                             ("memory-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()))
+                       if on]
+            usable = precision in ("bf16", "fp16")
+            attention = f"SDPA, {' / '.join(enabled) or 'math'} kernels" + ("" if usable else " (flash needs bf16/fp16)")
         lines = [
             f"run directory: {self.run_dir.resolve()} (resuming at step {self.state.step})" if self.state.step
             else f"run directory: {self.run_dir.resolve()}",
