@@ -258,3 +258,21 @@ def test_batch_geometry_has_one_source_of_truth(tmp_path):
     bad.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="sets 'gradient_accumulation_steps'; it comes from the recipe"):
         deepspeed_config(bad, 4, 2, 1.0)
+
+
+def test_a_stop_signal_checkpoints_and_the_next_job_resumes(data, tmp_path):
+    """What SLURM's pre-timeout signal does: checkpoint, exit cleanly; the next job continues, no step trained
+    twice or skipped."""
+    args = overrides(data, tmp_path, **{"train.steps": 40, "train.save_every": 1000})
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_lines(tmp_path / "metrics.jsonl", 5, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped_at = len(metrics(tmp_path))
+    assert stopped_at < 40 and f"checkpoint at step {stopped_at} saved" in stderr
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    assert [row["step"] for row in metrics(tmp_path)] == list(range(1, 41))

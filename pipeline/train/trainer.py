@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,28 @@ log = logging.getLogger("freelm.train")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
+
+
+class StopRequest:
+    """SIGUSR1 or SIGTERM (SLURM's warning before the time limit, a scheduler stopping the job) asks for a
+    checkpoint and a clean exit at the end of the current step. Ranks agree through an all-reduce, so all of
+    them stop after the same step even if the signal reached only some."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second signal: stop now (the last complete checkpoint stays the latest)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 @dataclass
@@ -85,6 +109,7 @@ class Trainer:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.size = measure(cfg.model, cfg.parallel.tensor_parallel, cfg.data.seq_len)
         self.peak, self.peak_source = peak_flops(cfg.train.peak_tflops)
+        self.stop_request = StopRequest()
         self.state = TrainState()
         client_state = checkpoint.load_latest(self.engine, self.ckpt_dir)
         if client_state is not None:
@@ -141,8 +166,13 @@ class Trainer:
                         f"(up to step {state.step}); stopping. Last checkpoint: "
                         f"{checkpoint.latest_tag(self.ckpt_dir) or 'none'} in {self.ckpt_dir}"
                     )
-                if state.step % train.save_every == 0 or state.step == stop:
+                stopping = self.stop_request.agreed()
+                if state.step % train.save_every == 0 or state.step == stop or stopping:
                     self._save()
+                if stopping:
+                    log.info(f"stop requested by signal: checkpoint at step {state.step} saved, exiting")
+                    status = "KILLED"
+                    return state
             status = "FINISHED"
         finally:
             if tracker is not None:
