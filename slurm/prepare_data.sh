@@ -17,7 +17,6 @@ INPUT=${1:?usage: sbatch slurm/prepare_data.sh INPUT_GLOB OUT_DIR}
 OUT=${2:?usage: sbatch slurm/prepare_data.sh INPUT_GLOB OUT_DIR}
 FREELM=${FREELM:-.venv/bin/freelm}
 WORKERS=${SLURM_CPUS_PER_TASK:-2}
-cd "${SLURM_SUBMIT_DIR:-.}"
 
 if [ -n "${TOKENIZER_HF:-}" ]; then
   "$FREELM" tokenizer import --hf "$TOKENIZER_HF" --out "$OUT/tok"

@@ -30,7 +30,6 @@ set -euo pipefail
 RECIPE=${1:-$RECIPE_DEFAULT}
 [ $# -gt 0 ] && shift
 FREELM=${FREELM:-.venv/bin/freelm}
-cd "${SLURM_SUBMIT_DIR:-.}"
 # shellcheck source=slurm/env.sh
 source slurm/env.sh
 

@@ -21,3 +21,18 @@ def parallel_1():
     init_parallel(tensor_parallel=1)
     yield
     destroy_parallel()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A real single-node SLURM (slurmctld, slurmd, munged) for the session, stopped by PID at the end.
+    Where it cannot start, tests skip with the reason, except in CI (CI=true), which must run them."""
+    from slurm_cluster import SlurmUnavailable, local_slurm
+
+    try:
+        with local_slurm(tmp_path_factory.mktemp("slurm")) as running:
+            yield running
+    except SlurmUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(str(exc))

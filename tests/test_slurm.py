@@ -1,0 +1,52 @@
+"""`sbatch slurm/train.sh` for real, on a single-node SLURM started by the test session: a 2-task job trains
+to completion; a job signalled before its time limit checkpoints, requeues itself and finishes the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slurm_cluster import SlurmCluster
+from test_train import REPO, data, metrics, overrides, series, wait_for_lines  # noqa: F401  (data: a fixture)
+
+TRAIN_SH = REPO / "slurm" / "train.sh"
+
+
+def submit(cluster: SlurmCluster, data: Path, run: Path, steps: int, wait: bool) -> int:  # noqa: F811
+    """The template as users submit it, with this machine's resources given on the sbatch command line."""
+    resources = ["--chdir", str(REPO), "--output", str(run.parent / f"{run.name}-%j.log"), "--partition", "debug",
+                 "--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1",
+                 "--time", "10:00"]
+    args = ["recipes/tiny.yaml", *overrides(data, run, **{"train.steps": steps})]
+    return cluster.sbatch(TRAIN_SH, *resources, script_args=args, wait=wait, timeout=600)
+
+
+def job_log(run: Path, job: int) -> str:
+    return (run.parent / f"{run.name}-{job}.log").read_text()
+
+
+def test_sbatch_train_completes(cluster, data, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    job = submit(cluster, data, run, steps=20, wait=True)
+    assert cluster.job_state(job) == "COMPLETED", job_log(run, job)[-3000:]
+    assert "grid: world 2 = TP 1 x DP 2" in job_log(run, job)
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert len(series(rows, "loss/language")) == len(series(rows, "loss/teacher")) == 10
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000020"
+    assert json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    assert (run / "mlflow.db").exists()
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes(cluster, data, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    job = submit(cluster, data, run, steps=40, wait=False)
+    cluster.wait_state(job, {"RUNNING"}, timeout=120)
+    wait_for_lines(run / "metrics.jsonl", 8, None, timeout=180)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))  # what --signal=B:USR1@300 sends
+    cluster.wait_state(job, {"COMPLETED"}, timeout=400)
+    log = job_log(run, job)
+    assert "time limit near" in log and "checkpoint at step" in log
+    assert cluster.job_field(job, "Restarts") == "1"
+    assert [r["step"] for r in metrics(run)] == list(range(1, 41))  # no step twice, none skipped
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000040"
