@@ -59,8 +59,8 @@ class StopRequest:
             os.kill(os.getpid(), signum)
         self.requested = True
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([float(self.requested)])
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([float(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -166,7 +166,7 @@ class Trainer:
                         f"(up to step {state.step}); stopping. Last checkpoint: "
                         f"{checkpoint.latest_tag(self.ckpt_dir) or 'none'} in {self.ckpt_dir}"
                     )
-                stopping = self.stop_request.agreed()
+                stopping = self.stop_request.agreed(self.engine.device)
                 if state.step % train.save_every == 0 or state.step == stop or stopping:
                     self._save()
                 if stopping:
@@ -180,37 +180,39 @@ class Trainer:
         return state
 
     def _step(self, iterators: dict[str, Any], signals: tuple[str, ...]) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches; metrics are averaged over micro-batches and
+        data-parallel ranks with one all-reduce (and no device sync before it)."""
         train = self.train_cfg
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         tokens = flops = 0.0
         weights = {LANGUAGE: train.language_weight, TEACHER: train.teacher_weight}
         for _ in range(train.grad_accum):
             total = 0.0
-            for signal in signals:
-                batch = {k: v.to(self.engine.device) for k, v in next(iterators[signal]).items()}
-                loss, extra = self._forward(signal, batch)
-                total = total + (weights[signal] * loss if len(signals) > 1 else loss)
-                sums[f"loss/{signal}"] = sums.get(f"loss/{signal}", 0.0) + loss.item()
-                for key, value in extra.items():
-                    sums[key] = sums.get(key, 0.0) + value
+            for name in signals:
+                batch = {k: v.to(self.engine.device) for k, v in next(iterators[name]).items()}
+                loss, extra = self._forward(name, batch)
+                total = total + (weights[name] * loss if len(signals) > 1 else loss)
+                for key, value in {f"loss/{name}": loss.detach(), **extra}.items():
+                    sums[key] = sums.get(key, 0.0) + value.double()
                 positions = batch["tokens"].numel()
                 tokens += positions
                 flops += positions * self.size.train_flops_per_token(batch["tokens"].shape[1])
             self.engine.backward(total)
             self.engine.step()
-        reduced = torch.tensor([*sums.values(), tokens, flops], dtype=torch.float64)
+        counts = torch.tensor([tokens, flops], dtype=torch.float64, device=self.engine.device)
+        reduced = torch.cat([torch.stack(list(sums.values())), counts])
         dist.all_reduce(reduced, group=ps.get_data_parallel_group())
         *values, tokens, flops = reduced.tolist()
         metrics = {key: value / (train.grad_accum * self.dp_size) for key, value in zip(sums, values)}
         return StepResult(metrics, int(tokens), flops)
 
-    def _forward(self, signal: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _forward(self, signal: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if signal == LANGUAGE:
             out = self.engine(batch["tokens"], signal=LANGUAGE, targets=batch["targets"], loss_mask=batch["loss_mask"])
             return out.loss, {}
         out = self.engine(batch["tokens"], signal=TEACHER, lengths=batch["lengths"], labels=batch["labels"])
-        accuracy = (out.logits.argmax(dim=-1) == batch["labels"]).float().mean().item()
-        return out.loss, {"teacher/accuracy": accuracy}
+        accuracy = (out.logits.argmax(dim=-1) == batch["labels"]).float().mean()
+        return out.loss, {"teacher/accuracy": accuracy.detach()}
 
     def _metrics(self, result: StepResult, elapsed: float, applied: bool, lr: float) -> dict[str, float]:
         metrics = dict(result.metrics)
