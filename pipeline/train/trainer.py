@@ -48,10 +48,15 @@ class StopRequest:
     checkpoint and a clean exit at the end of the current step. Ranks agree through an all-reduce, so all of
     them stop after the same step even if the signal reached only some."""
 
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._request)
+        self.previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _request(self, signum: int, frame: Any) -> None:
         if self.requested:  # a second signal: stop now (the last complete checkpoint stays the latest)
@@ -175,6 +180,7 @@ class Trainer:
                     return state
             status = "FINISHED"
         finally:
+            self.stop_request.restore()
             if tracker is not None:
                 tracker.close(status=status)
         return state
