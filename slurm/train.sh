@@ -34,8 +34,9 @@ FREELM=${FREELM:-.venv/bin/freelm}
 source slurm/env.sh
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+MASTER_PORT=${FREELM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # not $MASTER_PORT: sbatch exports the caller's environment
 export MASTER_ADDR MASTER_PORT
+unset RANK WORLD_SIZE LOCAL_RANK  # each task takes its rank from SLURM (stale values could leak in via sbatch)
 echo "freelm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s), $SLURM_NTASKS tasks," \
      "rendezvous $MASTER_ADDR:$MASTER_PORT, recipe $RECIPE $*"
 

@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 REQUIRED = {"sbatch": "slurm-client", "slurmctld": "slurmctld", "slurmd": "slurmd", "munged": "munge"}
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-CLIENT_ENV = re.compile(r"^(SLURM|SBATCH|SRUN|SALLOC|SQUEUE|SINFO|SCANCEL)_")
+# Inherited SLURM client settings, and this process's own torch.distributed rendezvous, stay out of jobs.
+CLIENT_ENV = re.compile(r"^((SLURM|SBATCH|SRUN|SALLOC|SQUEUE|SINFO|SCANCEL)_|(RANK|WORLD_SIZE|LOCAL_RANK|MASTER_ADDR|MASTER_PORT)$)")
 
 
 class SlurmUnavailable(Exception):

@@ -132,6 +132,17 @@ def test_tp2_and_tp2_x_dp2_match_tp1(data, tmp_path):
     assert [("loss/teacher" in r) for r in metrics(tmp_path / "tp1")] == [False, False, True] * 2
     for name in ("tp2", "grid"):
         torch.testing.assert_close(torch.tensor(losses(tmp_path / name)), torch.tensor(reference), rtol=1e-4, atol=1e-5)
+    # The sharded checkpoints consolidate to the TP=1 weights (ZeRO partitions merged, TP shards joined).
+    from pipeline.config import load_config
+    from pipeline.train.consolidate import consolidate
+
+    model = load_config(None, overrides(data, tmp_path)).model
+    full = {name: consolidate(tmp_path / name / "checkpoints", model) for name in ("tp1", "tp2", "grid")}
+    assert full["tp1"]["embed.weight"].shape == (1024, 64)
+    for name in ("tp2", "grid"):
+        assert full[name].keys() == full["tp1"].keys()
+        for key, tensor in full["tp1"].items():
+            torch.testing.assert_close(full[name][key], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_stop_and_resume_is_exact(data, tmp_path):

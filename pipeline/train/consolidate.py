@@ -1,0 +1,58 @@
+"""A sharded training checkpoint (ZeRO partitions over data-parallel ranks, megatron-core shards over
+tensor-parallel ranks) -> one full fp32 state dict, as a TP=1 model holds it.
+
+DeepSpeed's `zero_to_fp32` merges the ZeRO partitions of one model-parallel rank but refuses TP > 1. So each
+TP rank's files are shown to it on their own (through links that rename them to rank 0), and the merged TP
+shards are then joined along the dimension megatron-core split them on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.model.config import ModelConfig
+from pipeline.train.checkpoint import latest_tag
+
+MP_RANK = re.compile(r"mp_rank_(\d+)")
+
+
+def consolidate(ckpt_dir: str | Path, model: ModelConfig, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of checkpoint `tag` (default: `latest`) under `ckpt_dir`, one entry per parameter as
+    `named_parameters()` lists them (the tied LM head is the embedding); the vocab keeps its trained padding."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag or '(no latest file)'}")
+    files = sorted((ckpt_dir / tag).glob("*mp_rank_*.pt"))
+    tp = 1 + max(int(MP_RANK.search(f.name).group(1)) for f in files)
+    shards = []
+    for rank in range(tp):
+        with tempfile.TemporaryDirectory() as view:
+            (Path(view) / tag).mkdir()
+            for f in files:
+                if int(MP_RANK.search(f.name).group(1)) == rank:
+                    (Path(view) / tag / MP_RANK.sub("mp_rank_00", f.name)).symlink_to(f.resolve())
+            shards.append(get_fp32_state_dict_from_zero_checkpoint(view, tag=tag))
+    return join_tp_shards(shards, model)
+
+
+def join_tp_shards(shards: list[dict[str, torch.Tensor]], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Concatenate each sharded tensor along its partition dim; replicated tensors are taken from rank 0."""
+    from pipeline.model.freelm import FreeLM
+
+    with torch.device("meta"):
+        reference = FreeLM(dataclasses.replace(model, vocab_pad_multiple=0))
+    full = {}
+    for name, param in reference.named_parameters():
+        if getattr(param, "tensor_model_parallel", False) and len(shards) > 1:
+            full[name] = torch.cat([shard[name] for shard in shards], dim=param.partition_dim)
+        else:
+            full[name] = shards[0][name]
+    return full
