@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
@@ -90,6 +91,30 @@ def train(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    from pipeline.eval.zero_shot import evaluate_tasks, load_trained, perplexity
+    from pipeline.parallel.distributed import destroy_parallel, init_parallel
+
+    init_parallel(1)
+    try:
+        model, tokenizer, cfg = load_trained(args.checkpoint)
+        only = args.only.split(",") if args.only else None
+        results = evaluate_tasks(model, tokenizer, args.tasks, args.split, cfg.data.seq_len, only, args.limit)
+        ppl = perplexity(model, tokenizer, args.heldout, cfg.data.seq_len) if args.heldout else None
+    finally:
+        destroy_parallel()
+    print(f"{'task':<16}{'n':>7}{'FreeLM acc':>12}{'F1':>8}{'MCC':>8}{'LM-only':>10}{'majority':>10}")
+    for r in results:
+        extra = "".join(f"{v:>8.3f}" if v is not None else f"{'-':>8}" for v in (r.f1, r.mcc))
+        print(f"{r.task:<16}{r.n:>7}{r.accuracy:>12.3f}{extra}{r.lm_only:>10.3f}{r.majority:>10.3f}")
+    if ppl is not None:
+        print(f"perplexity on {args.heldout}: {ppl:.2f}")
+    if args.json:
+        report = {"checkpoint": str(args.checkpoint), "split": args.split, "tasks": [asdict(r) for r in results],
+                  "perplexity": ppl}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def demo(args: argparse.Namespace) -> None:
     from pipeline.demo import run_demo
 
@@ -149,6 +174,16 @@ def parser() -> argparse.ArgumentParser:
     trn.add_argument("--config", default=None, help="a YAML recipe, e.g. recipes/tiny.yaml")
     trn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     trn.set_defaults(func=train)
+
+    ev = sub.add_parser("eval", help="zero-shot proposition scoring, LM-only and majority baselines, perplexity")
+    ev.add_argument("--checkpoint", required=True, help="a training run directory (config.yaml + checkpoints/)")
+    ev.add_argument("--tasks", required=True, help="tasks YAML, e.g. recipes/tasks.yaml")
+    ev.add_argument("--split", default="dev")
+    ev.add_argument("--only", default=None, help="comma-separated task names")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    ev.add_argument("--heldout", default=None, help="a text file for perplexity")
+    ev.add_argument("--json", default=None, help="also write the results here")
+    ev.set_defaults(func=evaluate)
 
     dem = sub.add_parser("demo", help="train a tiny FreeLM on both signals for a few steps (one CPU process)")
     dem.add_argument("--steps", type=int, default=40)
