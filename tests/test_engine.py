@@ -20,13 +20,12 @@ def train_rank(tp: int, out: str) -> None:
     from pipeline.model.config import ModelConfig
     from pipeline.model.freelm import FreeLM
     from pipeline.parallel.distributed import destroy_parallel, init_parallel
-    from pipeline.parallel.engine import build_engine, build_model
+    from pipeline.parallel.engine import build_engine, build_model, deepspeed_config
 
     init_parallel(tp)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     micro = GLOBAL_BATCH // dp
-    ds_config = json.loads(ZERO3.read_text())
-    ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, gradient_clipping=1.0)
+    ds_config = deepspeed_config(ZERO3, micro_batch=micro, grad_accum=1, grad_clip=1.0)
     torch.manual_seed(0)
     cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=1000, max_seq_len=32)
     model = build_model(lambda: FreeLM(cfg), ds_config)
