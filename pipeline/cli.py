@@ -92,7 +92,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from pipeline.eval.zero_shot import evaluate_tasks, load_trained, perplexity
+    from pipeline.eval.zero_shot import evaluate_tasks, load_trained, log_to_mlflow, perplexity
     from pipeline.parallel.distributed import destroy_parallel, init_parallel
 
     init_parallel(1)
@@ -113,6 +113,8 @@ def evaluate(args: argparse.Namespace) -> None:
         report = {"checkpoint": str(args.checkpoint), "split": args.split, "tasks": [asdict(r) for r in results],
                   "perplexity": ppl}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.mlflow:
+        print(f"logged to MLflow run {log_to_mlflow(args.checkpoint, args.split, results, ppl)}")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -183,6 +185,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     ev.add_argument("--heldout", default=None, help="a text file for perplexity")
     ev.add_argument("--json", default=None, help="also write the results here")
+    ev.add_argument("--mlflow", action="store_true", help="also log the results to the training run's MLflow run")
     ev.set_defaults(func=evaluate)
 
     dem = sub.add_parser("demo", help="train a tiny FreeLM on both signals for a few steps (one CPU process)")

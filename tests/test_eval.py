@@ -27,7 +27,7 @@ def test_eval_reports_tasks_with_baselines_and_matches_across_tp(data, tmp_path)
     run_ranks(train_rank, 1, overrides(data, tmp_path / "tp1", **steps))
     run_ranks(train_rank, 2, overrides(data, tmp_path / "tp2", **steps, **{"parallel.tensor_parallel": 2}))
     args = ("--only", "sst2,cola,mnli", "--limit", "40")
-    one = freelm_eval(tmp_path / "tp1", tmp_path / "tp1.json", *args,
+    one = freelm_eval(tmp_path / "tp1", tmp_path / "tp1.json", *args, "--mlflow",
                       "--heldout", str(SHARED_DATA / "lm" / "wikitext-2-tokenized" / "valid.txt"))
     tasks = {row["task"]: row for row in one["tasks"]}
     assert list(tasks) == ["sst2", "cola", "mnli"] and all(row["n"] == 40 for row in tasks.values())
@@ -36,6 +36,11 @@ def test_eval_reports_tasks_with_baselines_and_matches_across_tp(data, tmp_path)
     assert tasks["cola"]["f1"] is not None and tasks["cola"]["mcc"] is not None and tasks["mnli"]["f1"] is None
     assert tasks["sst2"]["majority"] >= 0.5 and tasks["mnli"]["majority"] >= 1 / 3
     assert 1.0 < one["perplexity"] < 2000 and math.isfinite(one["perplexity"])
+    from mlflow.tracking import MlflowClient
+
+    saved = json.loads((tmp_path / "tp1" / "mlflow_run.json").read_text())
+    logged = MlflowClient(saved["tracking_uri"]).get_run(saved["run_id"]).data.metrics
+    assert logged["eval/dev/cola/accuracy"] == tasks["cola"]["accuracy"] and "eval/dev/perplexity" in logged
     two = freelm_eval(tmp_path / "tp2", tmp_path / "tp2.json", *args)
     assert [(r["task"], r["accuracy"], r["lm_only"]) for r in two["tasks"]] == [
         (r["task"], r["accuracy"], r["lm_only"]) for r in one["tasks"]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,3 +146,27 @@ def load_trained(run_dir: str | Path) -> tuple[FreeLM, Tokenizer, Config]:
     model = FreeLM(dataclasses.replace(cfg.model, vocab_size=rows, vocab_pad_multiple=0))
     load_full_state_dict(model, weights, None)
     return model.eval(), load_tokenizer(cfg.data.tokenizer), cfg
+
+
+def log_to_mlflow(run_dir: str | Path, split: str, results: Sequence[TaskResult], ppl: float | None) -> str:
+    """Add the results to the training run's MLflow run (from run_dir/mlflow_run.json) as `eval/<split>/...`
+    metrics at the checkpoint's step; returns the run id."""
+    import json
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.checkpoint import latest_tag
+
+    run_dir = Path(run_dir)
+    saved = json.loads((run_dir / "mlflow_run.json").read_text())
+    step = int(latest_tag(run_dir / "checkpoints").split("_")[-1])
+    now = int(time.time() * 1000)
+    values = {f"eval/{split}/perplexity": ppl} if ppl is not None else {}
+    for r in results:
+        for key in ("accuracy", "majority", "lm_only", "f1", "mcc"):
+            if getattr(r, key) is not None:
+                values[f"eval/{split}/{r.task}/{key}"] = getattr(r, key)
+    metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
+    MlflowClient(saved["tracking_uri"]).log_batch(saved["run_id"], metrics=metrics)
+    return saved["run_id"]
