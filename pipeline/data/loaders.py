@@ -92,14 +92,20 @@ def collate_language(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     }
 
 
+def right_pad(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded to the longest sequence, and each sequence's length."""
+    lengths = torch.tensor([len(ids) for ids in sequences])
+    tokens = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        tokens[row, : len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    return tokens, lengths
+
+
 def teacher_collate(pad_id: int) -> Callable[[list], dict[str, torch.Tensor]]:
     """Right-pads propositions to the longest in the batch; `lengths` says where each one's [cls] is."""
 
     def collate(samples: list[tuple[np.ndarray, int, int]]) -> dict[str, torch.Tensor]:
-        lengths = torch.tensor([len(ids) for ids, _, _ in samples])
-        tokens = torch.full((len(samples), int(lengths.max())), pad_id, dtype=torch.long)
-        for row, (ids, _, _) in enumerate(samples):
-            tokens[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
+        tokens, lengths = right_pad([ids for ids, _, _ in samples], pad_id)
         return {
             "tokens": tokens,
             "lengths": lengths,

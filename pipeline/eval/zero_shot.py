@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, load_config
+from pipeline.data.loaders import right_pad
 from pipeline.data.propositions import proposition_tail, truncate
 from pipeline.data.tasks import Proposition, SplitStats, iter_propositions, load_tasks
 from pipeline.data.tokenizer import Tokenizer
@@ -60,25 +61,17 @@ def score(model: FreeLM, tokenizer: Tokenizer, props: Sequence[Proposition], max
         heads = tokenizer.encode_batch([p.input_text for p in batch])
         teacher = [truncate(np.asarray(h + t), len(h), max_len)
                    for h, t in zip(heads, tokenizer.encode_batch([proposition_tail(p.proposition_text) for p in batch]))]
-        tokens, lengths = padded(teacher, pad)
+        tokens, lengths = right_pad(teacher, pad)
         p_true.append(model(tokens, signal="teacher", lengths=lengths).p_true.numpy())
         plain = tokenizer.encode_batch([" " + p.proposition_text for p in batch])
         sequences = [truncate(np.asarray(h + t), len(h), max_len + 1) for h, t in zip(heads, plain)]
-        tokens, lengths = padded(sequences, pad)
+        tokens, lengths = right_pad(sequences, pad)
         out = model(tokens[:, :-1], signal="language", targets=tokens[:, 1:])
         positions = torch.arange(tokens.shape[1] - 1)[None, :]
         starts = torch.tensor([len(s) - len(t) - 1 for s, t in zip(sequences, plain)])[:, None]
         mask = (positions >= starts) & (positions < (lengths - 1)[:, None])
         lm.append((-(out.token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
     return np.concatenate(p_true), np.concatenate(lm)
-
-
-def padded(sequences: Sequence[np.ndarray], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in sequences])
-    tokens = torch.full((len(sequences), int(lengths.max())), pad, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        tokens[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-    return tokens, lengths
 
 
 def examples(props: Iterator[Proposition], limit: int | None) -> list[list[Proposition]]:
