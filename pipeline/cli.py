@@ -117,6 +117,14 @@ def evaluate(args: argparse.Namespace) -> None:
         print(f"logged to MLflow run {log_to_mlflow(args.checkpoint, args.split, results, ppl)}")
 
 
+def export_hf(args: argparse.Namespace) -> None:
+    from pipeline.hf.export import export_hf as export
+
+    out = export(args.checkpoint, args.out, args.tag)
+    print(f"exported {args.checkpoint} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained, "
+          f"or pipeline.hf.export.from_pretrained for the LM with its teacher head)")
+
+
 def demo(args: argparse.Namespace) -> None:
     from pipeline.demo import run_demo
 
@@ -187,6 +195,12 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="also write the results here")
     ev.add_argument("--mlflow", action="store_true", help="also log the results to the training run's MLflow run")
     ev.set_defaults(func=evaluate)
+
+    exp = sub.add_parser("export-hf", help="a training checkpoint -> a Hugging Face transformers directory")
+    exp.add_argument("--checkpoint", required=True, help="a training run directory (config.yaml + checkpoints/)")
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000200 (default: the latest)")
+    exp.set_defaults(func=export_hf)
 
     dem = sub.add_parser("demo", help="train a tiny FreeLM on both signals for a few steps (one CPU process)")
     dem.add_argument("--steps", type=int, default=40)

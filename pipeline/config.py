@@ -42,7 +42,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps, both signals together
     schedule: Literal["interactive", "mixed"] = "interactive"
     language_steps: int = 1  # interactive: N language steps, then
-    teacher_steps: int = 1  # ... M teacher steps, repeated
+    teacher_steps: int = 1  # ... M teacher steps, repeated (0: a language-only baseline)
     language_weight: float = 1.0  # mixed: loss = w_l * language + w_t * teacher
     teacher_weight: float = 1.0
     micro_batch: int = 8  # language sequences per micro-step per data-parallel rank
@@ -61,6 +61,7 @@ class TrainConfig:
     exit_after: int | None = None  # stop (with a checkpoint) after this many steps in this job
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
     activation_checkpointing: bool = False
+    init_from: str | None = None  # a local Hugging Face GPT-2/LLaMA directory to start from (teacher head fresh)
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs, or a matmul measured on CPU
 
 
@@ -83,11 +84,14 @@ class Config:
     def validate(self) -> Config:
         self.model.validate(self.parallel.tensor_parallel)
         train = self.train
-        positive = ("steps", "language_steps", "teacher_steps", "micro_batch", "teacher_micro_batch", "grad_accum",
+        positive = ("steps", "language_steps", "micro_batch", "teacher_micro_batch", "grad_accum",
                     "save_every", "log_every", "max_consecutive_skips")
         for key in positive:
             if getattr(train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+        if train.teacher_steps < 0 or (train.teacher_steps == 0 and train.schedule == "mixed"):
+            raise ConfigError(f"train.teacher_steps must be >= 1 (0 only with the interactive schedule: a "
+                              f"language-only run), got {train.teacher_steps}")
         if self.data.seq_len is None:
             self.data.seq_len = self.model.max_seq_len
         if self.data.seq_len > self.model.max_seq_len:

@@ -27,6 +27,7 @@ from pipeline.data.lm_dataset import language_dataset
 from pipeline.data.loaders import StreamLoader, language_loader, teacher_loader
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import ConfigError
+from pipeline.hf.load import check_compatible, load_hf_weights
 from pipeline.model.freelm import FreeLM
 from pipeline.model.size import measure
 from pipeline.parallel.distributed import destroy_parallel, init_parallel
@@ -104,8 +105,14 @@ class Trainer:
         )
         self.fp16 = self.ds_config.get("fp16", {}).get("enabled", False)
 
+        resuming = checkpoint.latest_tag(self.ckpt_dir) is not None
+        if cfg.train.init_from and not resuming:
+            check_compatible(cfg.model, cfg.train.init_from)
         torch.manual_seed(cfg.train.seed)  # identical on every rank: the model is initialised alike
         model = build_model(lambda: FreeLM(cfg.model), self.ds_config)
+        if cfg.train.init_from and not resuming:
+            count = load_hf_weights(model, cfg.train.init_from, ps.get_tensor_model_parallel_group())
+            log.info(f"initialised {count} parameter tensors from {cfg.train.init_from} (teacher head fresh)")
         model.activation_checkpointing = cfg.train.activation_checkpointing
         optimizer, self.optimizer_name = make_optimizer(model, cfg.train, self.ds_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
@@ -134,10 +141,11 @@ class Trainer:
         streams = {
             LANGUAGE: language_loader(lm, train.micro_batch, self.dp_rank, self.dp_size,
                                       num_workers=cfg.data.num_workers),
-            TEACHER: teacher_loader(cfg.data.teacher, cfg.data.seq_len, self.tokenizer.special.pad,
-                                    train.teacher_micro_batch, self.dp_rank, self.dp_size, train.seed,
-                                    num_workers=cfg.data.num_workers),
         }
+        if self.schedule.count(TEACHER, train.steps):
+            streams[TEACHER] = teacher_loader(cfg.data.teacher, cfg.data.seq_len, self.tokenizer.special.pad,
+                                              train.teacher_micro_batch, self.dp_rank, self.dp_size, train.seed,
+                                              num_workers=cfg.data.num_workers)
         for name, stream in streams.items():
             if name in self.state.streams:
                 stream.load_state_dict(self.state.streams[name])

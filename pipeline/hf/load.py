@@ -1,0 +1,106 @@
+"""Start training from a local Hugging Face GPT-2 (or LLaMA) checkpoint directory (`train.init_from`).
+
+Weights are read one tensor at a time from the checkpoint's safetensors (or `pytorch_model.bin`), converted
+to FreeLM's layout, cut to this rank's tensor-parallel shard and, under ZeRO-3, written into the partitioned
+parameters one module at a time (`deepspeed.zero.GatheredParameters`), so no rank ever holds the whole
+model. The teacher head keeps its fresh initialisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.hf.convert import BLOCK_OF_MODEL_TYPE, from_hf, model_config_from_hf
+from pipeline.model.config import ModelConfig
+from pipeline.parallel.tensor_parallel import shard
+
+NEVER_IMPORTED = ("teacher_head.weight",)
+
+
+class CheckpointReader:
+    """Tensors of a Hugging Face checkpoint directory by name, read lazily. Names are accepted with or
+    without the base-model prefix (`transformer.`, `model.`), as checkpoints of either kind exist."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = json.loads((self.path / "config.json").read_text())
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            self.files = {name: self.path / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (self.path / "model.safetensors").exists():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path / "model.safetensors"), framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), self.path / "model.safetensors")
+        elif (self.path / "pytorch_model.bin").exists():
+            self.files = {}
+            self.state = torch.load(self.path / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)
+        else:
+            raise FileNotFoundError(f"{self.path}: no model.safetensors(.index.json) or pytorch_model.bin")
+
+    def __call__(self, name: str) -> torch.Tensor:
+        for key in (name, name.split(".", 1)[1]):
+            if key in self.files:
+                from safetensors import safe_open
+
+                with safe_open(str(self.files[key]), framework="pt") as f:
+                    return f.get_tensor(key).float()
+            if not self.files and key in self.state:
+                return self.state[key].float()
+        raise KeyError(f"{self.path}: the checkpoint has no tensor {name!r}")
+
+
+def check_compatible(model: ModelConfig, path: str | Path) -> None:
+    """ConfigError naming every `model.*` key that disagrees with the checkpoint's config.json."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise ConfigError(f"train.init_from: {config_file} not found (a Hugging Face model directory is expected)")
+    try:
+        expected = model_config_from_hf(json.loads(config_file.read_text()))
+    except ValueError as err:
+        raise ConfigError(f"train.init_from: {config_file}: {err}") from None
+    ours = {key: getattr(model, key) for key in expected} | {"ffn_hidden": model.ffn_size}
+    wrong = {k: v for k, v in expected.items() if k != "max_seq_len" and ours[k] != v}
+    if model.max_seq_len > expected["max_seq_len"]:
+        wrong["max_seq_len"] = f"<= {expected['max_seq_len']}"
+    hf_vocab = json.loads(config_file.read_text())["vocab_size"]
+    if model.vocab_size < hf_vocab:
+        wrong["vocab_size"] = f">= {hf_vocab}"
+    if wrong:
+        found = ", ".join(f"model.{k}={ours.get(k, getattr(model, k))}" for k in wrong)
+        needed = " ".join(f"model.{k}={v}" for k, v in wrong.items())
+        raise ConfigError(f"train.init_from: {path} does not fit {found}; set {needed}")
+
+
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, path: str | Path, tp_group: dist.ProcessGroup | None) -> int:
+    """Copy a Hugging Face checkpoint into `model` (a FreeLM, possibly TP-sharded and ZeRO-3 partitioned);
+    returns the number of parameter tensors loaded."""
+    import deepspeed
+
+    reader = CheckpointReader(path)
+    block = BLOCK_OF_MODEL_TYPE[reader.config["model_type"]]
+    rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    world_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    seen: set[int] = set()
+    loaded = 0
+    for prefix, module in model.named_modules():
+        params = [(f"{prefix}.{n}".lstrip("."), p) for n, p in module.named_parameters(recurse=False)
+                  if id(p) not in seen]
+        params = [(name, p) for name, p in params if name not in NEVER_IMPORTED]
+        if not params:
+            continue
+        seen.update(id(p) for _, p in params)
+        partitioned = any(hasattr(p, "ds_id") for _, p in params)
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0, enabled=partitioned):
+            for name, param in params:
+                full = from_hf(block, name, reader, model.cfg, rows=model.vocab_size)
+                param.data.copy_(shard(full, param, rank, world_size))
+                loaded += 1
+    return loaded
