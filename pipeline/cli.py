@@ -92,7 +92,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from pipeline.eval.zero_shot import evaluate_tasks, load_trained, log_to_mlflow, perplexity
+    from pipeline.eval.zero_shot import evaluate_tasks, format_table, load_trained, log_to_mlflow, perplexity
     from pipeline.parallel.distributed import destroy_parallel, init_parallel
 
     init_parallel(1)
@@ -103,10 +103,7 @@ def evaluate(args: argparse.Namespace) -> None:
         ppl = perplexity(model, tokenizer, args.heldout, cfg.data.seq_len) if args.heldout else None
     finally:
         destroy_parallel()
-    print(f"{'task':<16}{'n':>7}{'FreeLM acc':>12}{'F1':>8}{'MCC':>8}{'LM-only':>10}{'majority':>10}")
-    for r in results:
-        extra = "".join(f"{v:>8.3f}" if v is not None else f"{'-':>8}" for v in (r.f1, r.mcc))
-        print(f"{r.task:<16}{r.n:>7}{r.accuracy:>12.3f}{extra}{r.lm_only:>10.3f}{r.majority:>10.3f}")
+    print(format_table(results))
     if ppl is not None:
         print(f"perplexity on {args.heldout}: {ppl:.2f}")
     if args.json:
@@ -128,7 +125,7 @@ def export_hf(args: argparse.Namespace) -> None:
 def demo(args: argparse.Namespace) -> None:
     from pipeline.demo import run_demo
 
-    run_demo(steps=args.steps)
+    run_demo(args.out, "quick" if args.quick else "full", args.steps, args.processes)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -202,8 +199,12 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000200 (default: the latest)")
     exp.set_defaults(func=export_hf)
 
-    dem = sub.add_parser("demo", help="train a tiny FreeLM on both signals for a few steps (one CPU process)")
-    dem.add_argument("--steps", type=int, default=40)
+    dem = sub.add_parser("demo", help="end to end on generated data: tokenizer, both streams, ZeRO-3 training on "
+                                      "2 processes, zero-shot eval, HF export (a few minutes on CPU)")
+    dem.add_argument("--out", default="runs/demo", help="where data, run, log and export go (default runs/demo)")
+    dem.add_argument("--quick", action="store_true", help="a smaller world and 30 steps (about a minute)")
+    dem.add_argument("--steps", type=int, default=None, help="training steps (default 400; --quick: 30)")
+    dem.add_argument("--processes", type=int, default=2, help="data-parallel processes (default 2)")
     dem.set_defaults(func=demo)
     return top
 

@@ -38,6 +38,8 @@ def test_yaml_preset_and_overrides(tmp_path):
          r"model.vocab_size \(50257\) is not divisible by parallel.tensor_parallel \(2\) after padding"),
         (["model.d_model=66"], r"model.d_model \(66\) must be divisible by model.n_heads \(4\)"),
         (["model"], "not of the form key=value"),
+        (["train.schedule=mixed", "train.teacher_steps=0"], r"train.teacher_steps must be >= 1 \(0 only with"),
+        (["train.language_steps=0"], "train.language_steps must be >= 1"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

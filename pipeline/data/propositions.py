@@ -43,6 +43,16 @@ def truncate(ids: np.ndarray, input_len: int, max_len: int) -> np.ndarray:
     return np.concatenate([ids[: input_len - excess], ids[input_len:]])
 
 
+def encode_with_tail(
+    tokenizer: Tokenizer, inputs: Sequence[str], tails: Sequence[str], max_len: int, dtype: type = np.int64
+) -> list[tuple[np.ndarray, int, bool]]:
+    """Each input's ids followed by its tail's ids, cut to `max_len` from the input side: (ids, tail length,
+    whether it was cut)."""
+    heads, ends = tokenizer.encode_batch(inputs), tokenizer.encode_batch(tails)
+    return [(truncate(np.asarray(h + t, dtype=dtype), len(h), max_len), len(t), len(h) + len(t) > max_len)
+            for h, t in zip(heads, ends)]
+
+
 def build_propositions(
     tasks_yaml: str | Path,
     split: str,
@@ -99,17 +109,14 @@ def _encode(
     batch: list[Proposition], tokenizer: Tokenizer, label_names: tuple[str, ...], task_id: int,
     max_len: int, dtype: type, builder,
 ) -> tuple[np.ndarray, int]:
-    inputs = tokenizer.encode_batch([p.input_text for p in batch])
-    tails = tokenizer.encode_batch([proposition_tail(p.proposition_text) for p in batch])
+    encoded = encode_with_tail(tokenizer, [p.input_text for p in batch],
+                               [proposition_tail(p.proposition_text) for p in batch], max_len, dtype)
     rows = np.zeros(len(batch), META_DTYPE)
     truncated = 0
-    for i, (prop, head, tail) in enumerate(zip(batch, inputs, tails)):
-        ids = np.asarray(head + tail, dtype=dtype)
-        truncated += len(ids) > max_len
-        ids = truncate(ids, len(head), max_len)
+    for i, (prop, (ids, tail_len, cut)) in enumerate(zip(batch, encoded)):
+        truncated += cut
         builder.add_document(ids, [ids.size])
-        input_len = len(ids) - len(tail)
-        rows[i] = (prop.label, task_id, prop.example_id, label_names.index(prop.candidate), input_len)
+        rows[i] = (prop.label, task_id, prop.example_id, label_names.index(prop.candidate), len(ids) - tail_len)
     return rows, truncated
 
 

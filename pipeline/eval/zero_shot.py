@@ -2,9 +2,9 @@
 
 For every labelled example, the proposition of each candidate label is scored: the teacher head's P(true),
 and (the baseline a plain LM would use) the language model's mean log-likelihood of the proposition after
-the input. Each scorer predicts its best candidate. Reported per task: accuracy (plus F1 and Matthews
-correlation for two-label tasks), the majority-class baseline, and the LM-only baseline; and the
-perplexity of held-out text.
+the input, normalised by its likelihood without the input. Each scorer predicts its best candidate.
+Reported per task: accuracy (plus F1 and Matthews correlation for two-label tasks), the majority-class
+baseline, and the LM-only baseline; and the perplexity of held-out text.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from pipeline.config import Config, load_config
 from pipeline.data.loaders import right_pad
-from pipeline.data.propositions import proposition_tail, truncate
+from pipeline.data.propositions import encode_with_tail, proposition_tail
 from pipeline.data.tasks import Proposition, SplitStats, iter_propositions, load_tasks
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.model.freelm import FreeLM
@@ -53,25 +53,34 @@ def binary_f1_mcc(gold: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 @torch.no_grad()
 def score(model: FreeLM, tokenizer: Tokenizer, props: Sequence[Proposition], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """P(true) from the teacher head, and the LM's mean log-probability of each proposition given its input."""
+    """P(true) from the teacher head, and the LM-only score: the mean log-probability of each proposition
+    given its input, minus that given only a document boundary (GPT-3's normalisation by the unconditional
+    probability), so that a template likelier on its own does not win every example."""
     p_true, lm = [], []
     pad = tokenizer.special.pad
     for start in range(0, len(props), BATCH):
         batch = props[start:start + BATCH]
-        heads = tokenizer.encode_batch([p.input_text for p in batch])
-        teacher = [truncate(np.asarray(h + t), len(h), max_len)
-                   for h, t in zip(heads, tokenizer.encode_batch([proposition_tail(p.proposition_text) for p in batch]))]
-        tokens, lengths = right_pad(teacher, pad)
+        inputs = [p.input_text for p in batch]
+        teacher = encode_with_tail(tokenizer, inputs, [proposition_tail(p.proposition_text) for p in batch], max_len)
+        tokens, lengths = right_pad([ids for ids, _, _ in teacher], pad)
         p_true.append(model(tokens, signal="teacher", lengths=lengths).p_true.numpy())
-        plain = tokenizer.encode_batch([" " + p.proposition_text for p in batch])
-        sequences = [truncate(np.asarray(h + t), len(h), max_len + 1) for h, t in zip(heads, plain)]
-        tokens, lengths = right_pad(sequences, pad)
-        out = model(tokens[:, :-1], signal="language", targets=tokens[:, 1:])
-        positions = torch.arange(tokens.shape[1] - 1)[None, :]
-        starts = torch.tensor([len(s) - len(t) - 1 for s, t in zip(sequences, plain)])[:, None]
-        mask = (positions >= starts) & (positions < (lengths - 1)[:, None])
-        lm.append((-(out.token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
-    return np.concatenate(p_true), np.concatenate(lm)
+        plain = encode_with_tail(tokenizer, inputs, [" " + p.proposition_text for p in batch], max_len + 1)
+        lm.append(tail_logprob(model, [ids for ids, _, _ in plain], [tail for _, tail, _ in plain], pad))
+    texts = sorted({p.proposition_text for p in props})
+    alone = tokenizer.encode_batch([" " + text for text in texts])
+    boundary = [np.asarray([tokenizer.special.eos, *ids]) for ids in alone]
+    prior = dict(zip(texts, tail_logprob(model, boundary, [len(ids) for ids in alone], pad)))
+    return np.concatenate(p_true), np.concatenate(lm) - np.array([prior[p.proposition_text] for p in props])
+
+
+def tail_logprob(model: FreeLM, sequences: Sequence[np.ndarray], tail_lens: Sequence[int], pad: int) -> np.ndarray:
+    """Mean log-probability of each sequence's last `tail_len` tokens given the tokens before them."""
+    tokens, lengths = right_pad(sequences, pad)
+    out = model(tokens[:, :-1], signal="language", targets=tokens[:, 1:])
+    positions = torch.arange(tokens.shape[1] - 1)[None, :]
+    starts = torch.tensor([len(ids) - tail - 1 for ids, tail in zip(sequences, tail_lens)])[:, None]
+    mask = (positions >= starts) & (positions < (lengths - 1)[:, None])
+    return (-(out.token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy()
 
 
 def examples(props: Iterator[Proposition], limit: int | None) -> list[list[Proposition]]:
@@ -110,6 +119,14 @@ def evaluate_tasks(
             result.f1, result.mcc = binary_f1_mcc(gold, pred)
         results.append(result)
     return results
+
+
+def format_table(results: Sequence[TaskResult]) -> str:
+    lines = [f"{'task':<16}{'n':>7}{'FreeLM acc':>12}{'F1':>8}{'MCC':>8}{'LM-only':>10}{'majority':>10}"]
+    for r in results:
+        extra = "".join(f"{v:>8.3f}" if v is not None else f"{'-':>8}" for v in (r.f1, r.mcc))
+        lines.append(f"{r.task:<16}{r.n:>7}{r.accuracy:>12.3f}{extra}{r.lm_only:>10.3f}{r.majority:>10.3f}")
+    return "\n".join(lines)
 
 
 @torch.no_grad()

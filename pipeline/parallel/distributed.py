@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,13 @@ class LaunchEnv:
     rank: int
     world_size: int
     local_rank: int
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a rendezvous started right after."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def launch_env() -> LaunchEnv:

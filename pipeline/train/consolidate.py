@@ -8,7 +8,9 @@ shards are then joined along the dimension megatron-core split them on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import re
 import tempfile
 from pathlib import Path
@@ -39,7 +41,8 @@ def consolidate(ckpt_dir: str | Path, model: ModelConfig, tag: str | None = None
             for f in files:
                 if int(MP_RANK.search(f.name).group(1)) == rank:
                     (Path(view) / tag / MP_RANK.sub("mp_rank_00", f.name)).symlink_to(f.resolve())
-            shards.append(get_fp32_state_dict_from_zero_checkpoint(view, tag=tag))
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its prints
+                shards.append(get_fp32_state_dict_from_zero_checkpoint(view, tag=tag))
     return join_tp_shards(shards, model)
 
 
