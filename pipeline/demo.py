@@ -32,7 +32,7 @@ class DemoSize:
     steps: int
 
 
-SIZES = {"full": DemoSize(3.0, 3000, 250, 400), "quick": DemoSize(0.4, 400, 40, 30)}
+SIZES = {"full": DemoSize(3.0, 3000, 250, 1000), "quick": DemoSize(0.4, 400, 40, 30)}
 STAGES = ("synthetic data", "tokenizer", "language stream", "teacher stream", "training", "zero-shot eval",
           "HF export")
 

@@ -1,29 +1,112 @@
-"""The demo's generated world: deterministic, balanced, declared in the project's task format, with one task
-that has no train split."""
+"""The synthetic world of `freelm demo`: deterministic, balanced, valid tasks, and usable by the real CLI."""
 
 from __future__ import annotations
 
 import collections
-import filecmp
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
 
-from pipeline.data.synthetic import generate
+import pytest
+
+from pipeline.data.synthetic import SyntheticData, generate
 from pipeline.data.tasks import SplitStats, iter_propositions, load_tasks
 
+SMALL = dict(corpus_mb=0.3, train_examples=400, dev_examples=60)
+ROOT = Path(__file__).resolve().parents[1]
 
-def test_generate_is_deterministic_balanced_and_loadable(tmp_path):
-    small = dict(corpus_mb=0.05, train_examples=200, dev_examples=40)
-    one, again, other = (generate(tmp_path / name, seed=seed, **small)
-                         for name, seed in (("a", 0), ("b", 0), ("c", 1)))
-    for path in (one.corpus, one.heldout, *sorted((one.root / "tasks").iterdir())):
-        assert filecmp.cmp(path, again.root / path.relative_to(one.root), shallow=False)
-    assert one.corpus.read_bytes() != other.corpus.read_bytes()
 
-    specs = load_tasks(one.tasks_yaml)
-    assert set(specs) == set(one.task_names) and set(one.trained_tasks) < set(one.task_names)
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> SyntheticData:
+    return generate(tmp_path_factory.mktemp("synth"), **SMALL)
+
+
+def test_same_seed_same_bytes_other_seed_differs(data, tmp_path):
+    again = generate(tmp_path / "again", **SMALL)
+    assert files(again.root) == files(data.root)
+    generate(tmp_path / "again", **SMALL)  # overwriting is idempotent
+    assert files(again.root) == files(data.root)
+    other = files(generate(tmp_path / "other", seed=1, **SMALL).root)
+    assert other.keys() == files(data.root).keys()
+    assert all(other[name] != content for name, content in files(data.root).items() if name != "tasks.yaml")
+
+
+def test_layout_sizes_and_api(data):
+    assert data.corpus == data.root / "corpus.txt" and data.heldout == data.root / "heldout.txt"
+    assert 0.3e6 <= data.corpus.stat().st_size < 0.31e6 and 1e5 <= data.heldout.stat().st_size < 1.01e5
+    assert data.corpus.read_text() != data.heldout.read_text()
+    assert set(data.trained_tasks) < set(data.task_names) and len(data.trained_tasks) >= 3
+
+
+def test_tasks_yaml_loads_and_every_split_yields_propositions(data):
+    specs = load_tasks(data.tasks_yaml)
+    assert tuple(specs) == data.task_names
     for name, spec in specs.items():
-        assert ("train" in spec.splits) == (name in one.trained_tasks)
+        assert spec.files[spec.splits[0]].parent == (data.root / "tasks").resolve()
+        assert spec.splits == (("train", "dev") if name in data.trained_tasks else ("dev",))
+        props = {len(p.split()) for p in spec.propositions.values()}
+        assert len(props) == len(spec.propositions), f"{name}: propositions of equal length"
         for split in spec.splits:
-            props = list(iter_propositions(spec, split, SplitStats(), all_candidates=True))
-            gold = collections.Counter(p.gold for p in props if p.label == 1)
-            assert set(gold) == set(spec.label_names) and max(gold.values()) - min(gold.values()) <= 1
-            assert all(p.proposition_text in spec.propositions.values() for p in props)
+            stats = SplitStats()
+            got = list(iter_propositions(spec, split, stats, all_candidates=True))
+            n = SMALL["train_examples" if split == "train" else "dev_examples"]
+            assert (stats.examples, stats.positives, stats.skipped) == (n, n, 0)
+            assert len(got) == n * len(spec.label_names) and {p.candidate for p in got} == set(spec.label_names)
+            assert all(p.input_text and p.proposition_text.startswith("Here, ") for p in got)
+
+
+def test_labels_balanced_and_dev_inputs_not_in_train(data):
+    specs = load_tasks(data.tasks_yaml)
+    for name, spec in specs.items():
+        split_rows = {split: rows(spec.files[split]) for split in spec.splits}
+        for split, got in split_rows.items():
+            counts = collections.Counter(row["label"] for row in got)
+            assert set(counts) == set(spec.label_names)
+            assert max(counts.values()) - min(counts.values()) <= 1, (name, split, counts)
+        if "train" in split_rows:
+            assert not {r["text"] for r in split_rows["dev"]} & {r["text"] for r in split_rows["train"]}
+
+
+def test_unseen_task_has_only_a_dev_split(data):
+    specs = load_tasks(data.tasks_yaml)
+    unseen = [name for name in data.task_names if name not in data.trained_tasks]
+    assert unseen and all(specs[name].splits == ("dev",) for name in unseen)
+    assert not list((data.root / "tasks").glob(f"{unseen[0]}_train*"))
+
+
+def cli(*args: str, cwd: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_real_cli_prepares_both_streams(data, tmp_path):
+    cli("tokenizer", "train", "--input", str(data.corpus), "--vocab-size", "1000", "--out", "tok", cwd=tmp_path)
+    cli("data", "corpus", "--input", str(data.corpus), "--tokenizer", "tok", "--out", "lm", cwd=tmp_path)
+    assert (tmp_path / "lm.bin").stat().st_size > 0 and (tmp_path / "lm.idx").exists()
+    cli("data", "tasks", "--config", str(data.tasks_yaml), "--split", "train", "--tokenizer", "tok",
+        "--out", "teacher", "--max-len", "64", cwd=tmp_path)
+    summary = json.loads((tmp_path / "teacher" / "train.summary.json").read_text())["tasks"]
+    assert set(summary) == set(data.trained_tasks)
+    for name, task in summary.items():
+        n = SMALL["train_examples"]
+        assert (task["examples"], task["positives"], task["propositions"], task["truncated"]) == (n, n, 2 * n, 0)
+
+    from pipeline.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "tok")
+    for name, spec in load_tasks(data.tasks_yaml).items():  # one template per task: inputs of one length
+        lengths = {len(tok.encode(row["text"])) for row in rows(spec.files["dev"])}
+        assert len(lengths) <= 2, (name, lengths)

@@ -17,10 +17,12 @@ Tasks (TSV with a header, `text` and `label`; `tasks.yaml` declares them with `d
                                                  "Here, the opinion is negative, not positive."
 `opinion` is never trained on: it judges places and vehicles, not food, with other words in its
 propositions, so its accuracy measures zero-shot transfer from `sentiment`. Labels are balanced and no dev
-input is in train. Learnable from scratch: a task's inputs share one template of fixed length (the label
-shows only in the cue words) and its propositions differ in length. A model with learned positions
-then tells the candidates apart at the last token; with same-length propositions, or inputs of varying
-shape, the tiny model stalls near chance for a thousand steps and more. The same seed writes the same bytes.
+input is in train. Learnable from scratch: a task's inputs share one template of fixed length in tokens
+(every word is one piece of a tokenizer trained on the corpus; the label shows only in the cue words), and
+its propositions differ in length, so learned positions tell the candidates apart at the last token. The
+`tiny` preset (recipes/tiny.yaml) then reaches ~1.0 on the trained tasks in about 1000 steps (it is still
+at chance at 300); with same-length propositions, inputs of varying shape or no propositions in the corpus
+it stalls near chance for longer. The same seed writes the same bytes.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def story(r: random.Random) -> str:
         task = TASKS[r.choice(list(TASKS))]
         label = r.choice(list(task.propositions))
         text = task.make(r, label)
-        lines.append(f"{text} {task.propositions[label]}" if task.trained and r.random() < 0.8 else text)
+        lines.append(f"{text} {task.propositions[label]}" if r.random() < 0.8 else text)
     return "\n".join(lines)
 
 
