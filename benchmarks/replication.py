@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from pipeline.parallel.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "replication.yaml"
@@ -83,12 +84,9 @@ def prepare(data: Path, out: Path) -> None:
 def train(name: str, out: Path, data: Path, steps: int | None, extra: list[str]) -> dict:
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     overrides = [f"train.run_dir={run_dir}", f"data.tokenizer={data / 'tok'}", f"data.corpora=[{data / 'lm' / 'gutenberg'}]",
                  f"data.teacher={data / 'teacher' / 'train'}", *([f"train.steps={steps}"] if steps else []), *extra]
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(NPROCS), "--master_port", str(port),
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(NPROCS), "--master_port", str(free_port()),
                 "--module", "pipeline.cli", "train", "--config", str(RECIPE), *overrides]
     log = run(launcher, out / f"train_{name}.log", re.compile(r"freelm\.train: (step|grid|model|schedule|checkpoint)"), THREADS)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())

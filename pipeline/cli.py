@@ -92,17 +92,10 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from pipeline.eval.zero_shot import evaluate_tasks, format_table, load_trained, log_to_mlflow, perplexity
-    from pipeline.parallel.distributed import destroy_parallel, init_parallel
+    from pipeline.eval.zero_shot import evaluate_run, format_table, log_to_mlflow
 
-    init_parallel(1)
-    try:
-        model, tokenizer, cfg = load_trained(args.checkpoint)
-        only = args.only.split(",") if args.only else None
-        results = evaluate_tasks(model, tokenizer, args.tasks, args.split, cfg.data.seq_len, only, args.limit)
-        ppl = perplexity(model, tokenizer, args.heldout, cfg.data.seq_len) if args.heldout else None
-    finally:
-        destroy_parallel()
+    only = args.only.split(",") if args.only else None
+    results, ppl = evaluate_run(args.checkpoint, args.tasks, args.split, only, args.limit, args.heldout)
     print(format_table(results))
     if ppl is not None:
         print(f"perplexity on {args.heldout}: {ppl:.2f}")

@@ -112,17 +112,11 @@ def train(out: Path, run_dir: Path, data: Path, steps: int, processes: int) -> N
 
 def evaluate(run_dir: Path, world) -> str:
     """Score every dev task (the unseen one included) and log the results to the run's MLflow run."""
-    from pipeline.eval.zero_shot import evaluate_tasks, format_table, load_trained, log_to_mlflow, perplexity
-    from pipeline.parallel.distributed import destroy_parallel, free_port, init_parallel
+    from pipeline.eval.zero_shot import evaluate_run, format_table, log_to_mlflow
+    from pipeline.parallel.distributed import free_port
 
     os.environ["MASTER_PORT"] = str(free_port())
-    init_parallel(1)
-    try:
-        model, tokenizer, cfg = load_trained(run_dir)
-        results = evaluate_tasks(model, tokenizer, world.tasks_yaml, "dev", cfg.data.seq_len)
-        ppl = perplexity(model, tokenizer, world.heldout, cfg.data.seq_len)
-    finally:
-        destroy_parallel()
+    results, ppl = evaluate_run(run_dir, world.tasks_yaml, "dev", heldout=world.heldout)
     log_to_mlflow(run_dir, "dev", results, ppl)
     unseen = ", ".join(sorted(set(world.task_names) - set(world.trained_tasks)))
     return f"{format_table(results)}\n(never trained on: {unseen}; held-out perplexity {ppl:.2f})"

@@ -158,6 +158,24 @@ def load_trained(run_dir: str | Path) -> tuple[FreeLM, Tokenizer, Config]:
     return model.eval(), load_tokenizer(cfg.data.tokenizer), cfg
 
 
+def evaluate_run(
+    run_dir: str | Path, tasks_yaml: str | Path, split: str, only: Sequence[str] | None = None,
+    limit: int | None = None, heldout: str | Path | None = None,
+) -> tuple[list[TaskResult], float | None]:
+    """A training run's latest checkpoint scored on `split` in this process (one rank), and the perplexity of
+    `heldout` when given."""
+    from pipeline.parallel.distributed import destroy_parallel, init_parallel
+
+    init_parallel(1)
+    try:
+        model, tokenizer, cfg = load_trained(run_dir)
+        results = evaluate_tasks(model, tokenizer, tasks_yaml, split, cfg.data.seq_len, only, limit)
+        ppl = perplexity(model, tokenizer, heldout, cfg.data.seq_len) if heldout else None
+    finally:
+        destroy_parallel()
+    return results, ppl
+
+
 def log_to_mlflow(run_dir: str | Path, split: str, results: Sequence[TaskResult], ppl: float | None) -> str:
     """Add the results to the training run's MLflow run (from run_dir/mlflow_run.json) as `eval/<split>/...`
     metrics at the checkpoint's step; returns the run id."""

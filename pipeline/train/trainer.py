@@ -105,14 +105,15 @@ class Trainer:
         )
         self.fp16 = self.ds_config.get("fp16", {}).get("enabled", False)
 
-        resuming = checkpoint.latest_tag(self.ckpt_dir) is not None
-        if cfg.train.init_from and not resuming:
-            check_compatible(cfg.model, cfg.train.init_from)
+        # A run with a checkpoint resumes from it; only a fresh one starts from `init_from`.
+        init_from = cfg.train.init_from if checkpoint.latest_tag(self.ckpt_dir) is None else None
+        if init_from:
+            check_compatible(cfg.model, init_from)
         torch.manual_seed(cfg.train.seed)  # identical on every rank: the model is initialised alike
         model = build_model(lambda: FreeLM(cfg.model), self.ds_config)
-        if cfg.train.init_from and not resuming:
-            count = load_hf_weights(model, cfg.train.init_from, ps.get_tensor_model_parallel_group())
-            log.info(f"initialised {count} parameter tensors from {cfg.train.init_from} (teacher head fresh)")
+        if init_from:
+            count = load_hf_weights(model, init_from, ps.get_tensor_model_parallel_group())
+            log.info(f"initialised {count} parameter tensors from {init_from} (teacher head fresh)")
         model.activation_checkpointing = cfg.train.activation_checkpointing
         optimizer, self.optimizer_name = make_optimizer(model, cfg.train, self.ds_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
