@@ -134,7 +134,7 @@ def test_tp2_and_tp2_x_dp2_match_tp1(data, tmp_path):
         torch.testing.assert_close(torch.tensor(losses(tmp_path / name)), torch.tensor(reference), rtol=1e-4, atol=1e-5)
     # The sharded checkpoints consolidate to the TP=1 weights (ZeRO partitions merged, TP shards joined).
     from pipeline.config import load_config
-    from pipeline.train.consolidate import consolidate
+    from pipeline.checkpoint.consolidate import consolidate
 
     model = load_config(None, overrides(data, tmp_path)).model
     full = {name: consolidate(tmp_path / name / "checkpoints", model) for name in ("tp1", "tp2", "grid")}

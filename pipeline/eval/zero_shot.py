@@ -147,7 +147,7 @@ def load_trained(run_dir: str | Path) -> tuple[FreeLM, Tokenizer, Config]:
     """A training run's latest checkpoint, any TP degree, as one full model in this process (TP=1)."""
     from pipeline.data.tokenizer import load_tokenizer
     from pipeline.parallel.tensor_parallel import load_full_state_dict
-    from pipeline.train.consolidate import consolidate
+    from pipeline.checkpoint.consolidate import consolidate
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
@@ -184,7 +184,7 @@ def log_to_mlflow(run_dir: str | Path, split: str, results: Sequence[TaskResult]
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.checkpoint import latest_tag
+    from pipeline.checkpoint.io import latest_tag
 
     run_dir = Path(run_dir)
     saved = json.loads((run_dir / "mlflow_run.json").read_text())

@@ -28,8 +28,8 @@ def export_hf(run_dir: str | Path, out: str | Path, tag: str | None = None) -> P
     """Consolidate the run's checkpoint `tag` (default: latest; ZeRO partitions and TP shards joined) and
     write it to `out` as a Hugging Face model directory. Returns `out`."""
     from safetensors.torch import save_file
-    from pipeline.train.checkpoint import latest_tag
-    from pipeline.train.consolidate import consolidate
+    from pipeline.checkpoint.io import latest_tag
+    from pipeline.checkpoint.consolidate import consolidate
 
     run_dir, out = Path(run_dir), Path(out)
     cfg = load_config(run_dir / "config.yaml")

@@ -32,7 +32,7 @@ from pipeline.model.freelm import FreeLM
 from pipeline.model.size import measure
 from pipeline.parallel.distributed import destroy_parallel, init_parallel
 from pipeline.parallel.engine import build_engine, build_model, deepspeed_config
-from pipeline.train import checkpoint
+from pipeline.checkpoint import io as checkpoint
 from pipeline.train.optim import make_optimizer
 from pipeline.train.schedule import LANGUAGE, TEACHER, Schedule, learning_rate
 from pipeline.train.throughput import peak_flops
