@@ -7,7 +7,6 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
@@ -92,19 +91,21 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from pipeline.eval.zero_shot import evaluate_run, format_table, log_to_mlflow
+    from pipeline.eval.report import format_table, log_to_mlflow, write_json
+    from pipeline.eval.run import evaluate_run
 
     only = args.only.split(",") if args.only else None
-    results, ppl = evaluate_run(args.checkpoint, args.tasks, args.split, only, args.limit, args.heldout)
-    print(format_table(results))
-    if ppl is not None:
-        print(f"perplexity on {args.heldout}: {ppl:.2f}")
+    run = evaluate_run(args.checkpoint, args.tasks, args.split, only, args.limit, args.heldout, args.batch_tokens)
+    if not run.main:
+        return
+    print(format_table(run.tasks))
+    print(f"{sum(r.n for r in run.tasks)} examples at {run.examples_per_s:.1f} examples/s; {run.setup}")
+    if run.perplexity is not None:
+        print(f"perplexity on {args.heldout}: {run.perplexity:.2f}")
     if args.json:
-        report = {"checkpoint": str(args.checkpoint), "split": args.split, "tasks": [asdict(r) for r in results],
-                  "perplexity": ppl}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, args.checkpoint, args.split, run.tasks, run.perplexity)
     if args.mlflow:
-        print(f"logged to MLflow run {log_to_mlflow(args.checkpoint, args.split, results, ppl)}")
+        print(f"logged to MLflow run {log_to_mlflow(args.checkpoint, args.split, run.tasks, run.perplexity)}")
 
 
 def export_hf(args: argparse.Namespace) -> None:
@@ -175,7 +176,8 @@ def parser() -> argparse.ArgumentParser:
     trn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     trn.set_defaults(func=train)
 
-    ev = sub.add_parser("eval", help="zero-shot proposition scoring, LM-only and majority baselines, perplexity")
+    ev = sub.add_parser("eval", help="zero-shot proposition scoring, LM-only and majority baselines, perplexity "
+                                     "(one process, or start with torchrun, the deepspeed launcher or srun)")
     ev.add_argument("--checkpoint", required=True, help="a training run directory (config.yaml + checkpoints/)")
     ev.add_argument("--tasks", required=True, help="tasks YAML, e.g. recipes/tasks.yaml")
     ev.add_argument("--split", default="dev")
@@ -184,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--heldout", default=None, help="a text file for perplexity")
     ev.add_argument("--json", default=None, help="also write the results here")
     ev.add_argument("--mlflow", action="store_true", help="also log the results to the training run's MLflow run")
+    ev.add_argument("--batch-tokens", type=int, default=None,
+                    help="padded tokens per batch (default 32768 on GPU, 4096 on CPU)")
     ev.set_defaults(func=evaluate)
 
     exp = sub.add_parser("export-hf", help="a training checkpoint -> a Hugging Face transformers directory")

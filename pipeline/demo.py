@@ -112,14 +112,15 @@ def train(out: Path, run_dir: Path, data: Path, steps: int, processes: int) -> N
 
 def evaluate(run_dir: Path, world) -> str:
     """Score every dev task (the unseen one included) and log the results to the run's MLflow run."""
-    from pipeline.eval.zero_shot import evaluate_run, format_table, log_to_mlflow
+    from pipeline.eval.report import format_table, log_to_mlflow
+    from pipeline.eval.run import evaluate_run
     from pipeline.parallel.distributed import free_port
 
     os.environ["MASTER_PORT"] = str(free_port())
-    results, ppl = evaluate_run(run_dir, world.tasks_yaml, "dev", heldout=world.heldout)
-    log_to_mlflow(run_dir, "dev", results, ppl)
+    run = evaluate_run(run_dir, world.tasks_yaml, "dev", heldout=world.heldout)
+    log_to_mlflow(run_dir, "dev", run.tasks, run.perplexity)
     unseen = ", ".join(sorted(set(world.task_names) - set(world.trained_tasks)))
-    return f"{format_table(results)}\n(never trained on: {unseen}; held-out perplexity {ppl:.2f})"
+    return f"{format_table(run.tasks)}\n(never trained on: {unseen}; held-out perplexity {run.perplexity:.2f})"
 
 
 def report(out: Path, run_dir: Path, table: str, seconds: float) -> None:

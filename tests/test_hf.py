@@ -34,7 +34,7 @@ def compare_export(run_dir: str, hf_dir: str, architecture: str) -> None:
     """Pipeline model (consolidated from the sharded checkpoint) vs the export, on one process."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.eval.zero_shot import load_trained
+    from pipeline.eval.load import load_trained
     from pipeline.hf.export import from_pretrained
     from pipeline.parallel.distributed import destroy_parallel, init_parallel
 

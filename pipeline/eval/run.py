@@ -1,0 +1,118 @@
+"""`freelm eval`: zero-shot evaluation of a training run, on one process or a TP x DP grid of them.
+
+Launched like training (torchrun, the deepspeed launcher, srun, or plain). The grid: when the world size is
+a multiple of the checkpoint's TP degree, the model is built at that degree and each rank loads only its
+own TP shard; the other world / TP ranks are data-parallel. Otherwise (one process included) every rank
+loads the whole model (TP=1) and all ranks are data-parallel. Batches are dealt to the data-parallel ranks
+and the scores gathered, so every grid gives the one-process numbers. Each rank runs on its own device: the
+CUDA device of its local rank (NCCL) in the checkpoint's training precision, or the CPU (gloo) in fp32.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data.tasks import Proposition, SplitStats, iter_propositions, load_tasks
+from pipeline.errors import DataError
+from pipeline.eval.metrics import TaskResult, task_result
+from pipeline.eval.scoring import Batching, Placement, perplexity, score_propositions
+
+BATCH_TOKENS = {"cuda": 32768, "cpu": 4096}  # default token budget per batch
+
+
+@dataclass
+class Evaluation:
+    tasks: list[TaskResult]
+    perplexity: float | None
+    main: bool  # this process is global rank 0: the one that reports
+    setup: str  # grid, device and precision, for the log
+    examples_per_s: float
+
+
+def grid_tp(world_size: int, checkpoint_tp: int) -> int:
+    """The TP degree to evaluate at: the checkpoint's when it divides the world size, else 1."""
+    return checkpoint_tp if world_size % checkpoint_tp == 0 else 1
+
+
+def examples(props: Iterable[Proposition], limit: int | None) -> list[list[Proposition]]:
+    """Propositions grouped by example (candidates in label order), at most `limit` examples."""
+    grouped: list[list[Proposition]] = []
+    for prop in props:
+        if grouped and grouped[-1][0].example_id == prop.example_id:
+            grouped[-1].append(prop)
+        elif limit is not None and len(grouped) == limit:
+            break
+        else:
+            grouped.append([prop])
+    return grouped
+
+
+def evaluate_tasks(
+    model, tokenizer, tasks_yaml: str | Path, split: str, max_len: int, placement: Placement, batching: Batching,
+    only: Sequence[str] | None = None, limit: int | None = None,
+) -> list[TaskResult]:
+    """Every task declaring `split` (at most `limit` examples each), all scored together."""
+    specs = [spec for spec in load_tasks(tasks_yaml, only).values() if split in spec.splits]
+    tasks = [examples(iter_propositions(spec, split, SplitStats(), all_candidates=True), limit) for spec in specs]
+    flat = [p for groups in tasks for group in groups for p in group]
+    candidates = [len(group) for groups in tasks for group in groups for _ in group]
+    if not flat:
+        return []
+    p_true, lm = score_propositions(model, tokenizer, flat, max_len, placement, batching, candidates)
+    results, start = [], 0
+    for spec, groups in zip(specs, tasks):
+        sizes = np.array([len(group) for group in groups])
+        end = start + int(sizes.sum())
+        gold = np.array([spec.label_names.index(group[0].gold) for group in groups])
+        results.append(task_result(spec.name, len(spec.label_names), gold, sizes, p_true[start:end], lm[start:end]))
+        start = end
+    return results
+
+
+def evaluate_run(
+    run_dir: str | Path, tasks_yaml: str | Path, split: str, only: Sequence[str] | None = None,
+    limit: int | None = None, heldout: str | Path | None = None, batch_tokens: int | None = None,
+) -> Evaluation:
+    """A training run's latest checkpoint scored on `split` by every process of the launch (each returns
+    the same results), and the perplexity of `heldout` when given."""
+    from megatron.core import parallel_state as ps
+
+    from pipeline.checkpoint.consolidate import tensor_parallel_degree
+    from pipeline.eval.load import load_trained
+    from pipeline.parallel.distributed import destroy_parallel, init_parallel, launch_env
+
+    checkpoint_tp = tensor_parallel_degree(Path(run_dir) / "checkpoints")
+    tp = grid_tp(launch_env().world_size, checkpoint_tp)
+    launch = init_parallel(tp)
+    try:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        main = launch.rank == 0
+        started = time.perf_counter()
+        model, tokenizer, cfg = load_trained(run_dir, tp, device)
+        dp = ps.get_data_parallel_world_size()
+        dtype = str(model.embed.weight.dtype).removeprefix("torch.")
+        setup = f"world {launch.world_size} = TP {tp} x DP {dp} (checkpoint TP {checkpoint_tp}); {device.type}, {dtype}"
+        if main:
+            print(f"eval: {setup}; model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+        placement = Placement(device, ps.get_data_parallel_rank(), dp, ps.get_data_parallel_group(), progress=main)
+        batching = Batching(batch_tokens or BATCH_TOKENS[device.type])
+        started = time.perf_counter()
+        results = evaluate_tasks(model, tokenizer, tasks_yaml, split, cfg.data.seq_len, placement, batching, only, limit)
+        rate = sum(r.n for r in results) / (time.perf_counter() - started)
+        ppl = None
+        if heldout:
+            ids = np.asarray(tokenizer.encode(Path(heldout).read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
+            try:
+                ppl = perplexity(model, ids, cfg.data.seq_len, placement, batching)
+            except ValueError as err:
+                raise DataError(f"{heldout}: {err}") from None
+    finally:
+        destroy_parallel()
+    return Evaluation(results, ppl, main, setup, rate)
