@@ -82,6 +82,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> Config:
+        self.resolve_vocab()
         self.model.validate(self.parallel.tensor_parallel)
         train = self.train
         positive = ("steps", "language_steps", "micro_batch", "teacher_micro_batch", "grad_accum",
@@ -104,6 +105,28 @@ class Config:
                 f"data.corpus_weights has {len(weights)} entries for {len(self.data.corpora)} data.corpora"
             )
         return self
+
+
+    def resolve_vocab(self) -> None:
+        """`model.vocab_size` follows the tokenizer in `data.tokenizer` (when it exists yet). A pinned size is
+        kept if the tokenizer fits its padded embedding (the size is then raised to the tokenizer's, which
+        leaves the padded embedding as it was), else it is an error naming both numbers."""
+        from pipeline.data.tokenizer import tokenizer_vocab_size
+
+        model, path = self.model, self.data.tokenizer
+        if not path or not Path(path).is_dir():
+            return
+        ids = tokenizer_vocab_size(path)
+        if model.vocab_size is None or ids <= model.vocab_size:
+            model.vocab_size = model.vocab_size or ids
+            return
+        padded = model.padded_vocab_size(self.parallel.tensor_parallel)
+        if ids > padded:
+            raise ConfigError(
+                f"the tokenizer {path} has {ids} ids, more than the embedding of model.vocab_size={model.vocab_size} "
+                f"(padded to {padded}) holds: remove model.vocab_size to follow the tokenizer, or raise it"
+            )
+        model.vocab_size = ids
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def test_yaml_preset_and_overrides(tmp_path):
         (["model.block=mamba"], "model.block: expected 'gpt2' or 'modern'"),
         (["model.preset=0.3b", "parallel.tensor_parallel=3"], r"model.n_heads \(16\) must be divisible by parallel.tensor_parallel \(3\)"),
         (["model.preset=tiny", "model.ffn_hidden=250", "parallel.tensor_parallel=4"], r"model.ffn_hidden \(250\) must be divisible"),
-        (["model.preset=0.3b", "model.vocab_pad_multiple=0", "parallel.tensor_parallel=2"],
+        (["model.preset=0.3b", "model.vocab_size=50257", "model.vocab_pad_multiple=0", "parallel.tensor_parallel=2"],
          r"model.vocab_size \(50257\) is not divisible by parallel.tensor_parallel \(2\) after padding"),
         (["model.d_model=66"], r"model.d_model \(66\) must be divisible by model.n_heads \(4\)"),
         (["model"], "not of the form key=value"),
@@ -48,9 +48,9 @@ def test_bad_config_names_the_key(overrides, message):
 
 
 def test_vocab_padding_is_explicit():
-    cfg = load_config(None, ["model.preset=0.3b"]).model
+    cfg = load_config(None, ["model.preset=0.3b", "model.vocab_size=50257"]).model
     assert cfg.padded_vocab_size(1) == 50304 and cfg.padded_vocab_size(8) == 51200
-    assert load_config(None, ["model.preset=0.3b", "model.vocab_pad_multiple=0"]).model.padded_vocab_size(1) == 50257
+    assert load_config(None, ["model.preset=0.3b", "model.vocab_size=50257", "model.vocab_pad_multiple=0"]).model.padded_vocab_size(1) == 50257
 
 
 def freelm(*args: str) -> subprocess.CompletedProcess:
@@ -82,7 +82,7 @@ def test_model_info_13b_tp8():
 def test_every_preset_builds_on_meta(preset):
     from pipeline.model.size import measure
 
-    cfg = load_config(None, [f"model.preset={preset}"]).model
+    cfg = load_config(None, [f"model.preset={preset}", "model.vocab_size=50257"]).model
     size = measure(cfg)
     assert size.params_per_tp_rank == size.total_params > size.non_embedding_params > 0
 

@@ -20,7 +20,8 @@ def train_rank(tp: int, out: str) -> None:
     from pipeline.model.config import ModelConfig
     from pipeline.model.freelm import FreeLM
     from pipeline.parallel.distributed import destroy_parallel, init_parallel
-    from pipeline.parallel.engine import build_engine, build_model, deepspeed_config
+    from pipeline.parallel.ds_config import deepspeed_config
+    from pipeline.parallel.engine import build_engine, build_model
 
     init_parallel(tp)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

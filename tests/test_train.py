@@ -261,7 +261,7 @@ def wait_for_lines(path: Path, count: int, proc: subprocess.Popen | None, timeou
 
 def test_batch_geometry_has_one_source_of_truth(tmp_path):
     from pipeline.errors import ConfigError
-    from pipeline.parallel.engine import deepspeed_config
+    from pipeline.parallel.ds_config import deepspeed_config
 
     filled = deepspeed_config(REPO / "ds_configs" / "zero3_bf16.json", micro_batch=4, grad_accum=2, grad_clip=0.5)
     assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (4, 2)

@@ -138,6 +138,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raise FileNotFoundError(f"{path}: no tokenizer here (expected {META_FILE} or a Hugging Face tokenizer)")
 
 
+def tokenizer_vocab_size(path: str | Path) -> int:
+    """The number of ids of the tokenizer in `path`, from its `freelm_tokenizer.json` when it has one
+    (no tokenizer library imported), else by loading it."""
+    meta_path = Path(path) / META_FILE
+    if meta_path.exists():
+        return int(json.loads(meta_path.read_text())["vocab_size"])
+    return load_tokenizer(path).vocab_size
+
+
 def train_sentencepiece(
     files: Sequence[str | Path], out_dir: str | Path, vocab_size: int, sample_lines: int = 2_000_000, seed: int = 0
 ) -> SentencePieceTokenizer:

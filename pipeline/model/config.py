@@ -19,7 +19,7 @@ class ModelConfig:
     d_model: int = 64
     n_heads: int = 4
     ffn_hidden: int | None = None
-    vocab_size: int = 50257
+    vocab_size: int | None = None  # None: the tokenizer's size (resolved when the config is loaded)
     vocab_pad_multiple: int = 128  # 0: no padding
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
@@ -47,6 +47,8 @@ class ModelConfig:
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Vocab rounded up to a multiple of `vocab_pad_multiple * tp` (Megatron's convention);
         `vocab_pad_multiple: 0` switches padding off."""
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is not known: set it, or data.tokenizer to a prepared tokenizer")
         if self.vocab_pad_multiple == 0:
             return self.vocab_size
         multiple = self.vocab_pad_multiple * tp
@@ -57,6 +59,8 @@ class ModelConfig:
         if self.block not in ("gpt2", "modern"):
             raise ConfigError(f"model.block must be 'gpt2' or 'modern', got {self.block!r}")
         for key in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
+            if key == "vocab_size" and self.vocab_size is None:  # to be resolved from the tokenizer
+                continue
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.vocab_pad_multiple < 0:
@@ -77,7 +81,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.ffn_hidden ({self.ffn_size}) must be divisible by parallel.tensor_parallel ({tp})"
             )
-        if self.padded_vocab_size(tp) % tp:
+        if self.vocab_size is not None and self.padded_vocab_size(tp) % tp:
             raise ConfigError(
                 f"model.vocab_size ({self.vocab_size}) is not divisible by parallel.tensor_parallel ({tp}) "
                 f"after padding (model.vocab_pad_multiple={self.vocab_pad_multiple})"

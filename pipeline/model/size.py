@@ -20,6 +20,8 @@ class ModelSize:
     params_per_tp_rank: int
     non_embedding_params: int
     teacher_head_params: int
+    block_params_per_tp_rank: int  # one decoder block, as one TP rank holds it
+    vector_params_per_tp_rank: int  # 1-D tensors (norms, biases): what ZeRO-3 keeps resident below its threshold
     flops_per_token: int
     dense_flops_per_token: int
     attention_flops_per_position: int
@@ -49,7 +51,11 @@ def measure(cfg: ModelConfig, tp: int = 1, seq_len: int | None = None) -> ModelS
     embeddings = {id(model.embed.weight)} | ({id(model.positions.weight)} if model.positions else set())
     params = [p for p in model.parameters() if id(p) not in teacher]
     total = sum(p.numel() for p in params)
-    per_rank = sum(p.numel() // tp if getattr(p, "tensor_model_parallel", False) else p.numel() for p in params)
+
+    def local(p: torch.Tensor) -> int:
+        return p.numel() // tp if getattr(p, "tensor_model_parallel", False) else p.numel()
+
+    per_rank = sum(local(p) for p in params)
     non_embedding = sum(p.numel() for p in params if id(p) not in embeddings)
     dense = 6 * (non_embedding + padded * cfg.d_model)
     attention = 12 * cfg.n_layers * cfg.d_model
@@ -58,6 +64,8 @@ def measure(cfg: ModelConfig, tp: int = 1, seq_len: int | None = None) -> ModelS
         params_per_tp_rank=per_rank,
         non_embedding_params=non_embedding,
         teacher_head_params=sum(p.numel() for p in model.teacher_head.parameters()),
+        block_params_per_tp_rank=sum(local(p) for p in model.blocks[0].parameters()),
+        vector_params_per_tp_rank=sum(local(p) for p in model.parameters() if p.dim() == 1),
         flops_per_token=dense + attention * seq_len,
         dense_flops_per_token=dense,
         attention_flops_per_position=attention,

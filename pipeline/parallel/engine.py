@@ -10,8 +10,6 @@ tensor-parallel rank keeps its own shards. Two details make that composition cor
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Callable
 
 import deepspeed
@@ -19,7 +17,6 @@ import torch
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from pipeline.errors import ConfigError
 
 
 class MegatronMPU:
@@ -34,32 +31,6 @@ class MegatronMPU:
     get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
     get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
     get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
-
-
-RECIPE_KEYS = {
-    "train_micro_batch_size_per_gpu": "train.micro_batch",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "gradient_clipping": "train.grad_clip",
-    "train_batch_size": "train.micro_batch x train.grad_accum x data-parallel size",
-}
-
-
-def deepspeed_config(path: str | Path, micro_batch: int, grad_accum: int, grad_clip: float) -> dict[str, Any]:
-    """Read a DeepSpeed JSON (precision, ZeRO stage, offload) and fill in the batch geometry and clipping,
-    which come from the recipe alone: a JSON that sets them is an error, not a second source of truth."""
-    try:
-        ds_config = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"train.ds_config: file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"train.ds_config: {path} is not valid JSON: {err}") from None
-    for key, source in RECIPE_KEYS.items():
-        if key in ds_config:
-            raise ConfigError(f"{path} sets {key!r}; it comes from the recipe ({source})")
-    ds_config.update(
-        train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum, gradient_clipping=grad_clip
-    )
-    return ds_config
 
 
 def build_model(make: Callable[[], nn.Module], ds_config: dict[str, Any]) -> nn.Module:

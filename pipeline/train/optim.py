@@ -33,4 +33,4 @@ def make_optimizer(model: nn.Module, train: TrainConfig, ds_config: dict[str, An
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kwargs), "DeepSpeed FusedAdam"
-    return torch.optim.AdamW(groups, foreach=True, **kwargs), "torch AdamW (foreach)"
+    return torch.optim.AdamW(groups, fused=True, **kwargs), "torch AdamW (fused)"

@@ -31,7 +31,8 @@ from pipeline.hf.load import check_compatible, load_hf_weights
 from pipeline.model.freelm import FreeLM
 from pipeline.model.size import measure
 from pipeline.parallel.distributed import destroy_parallel, init_parallel
-from pipeline.parallel.engine import build_engine, build_model, deepspeed_config
+from pipeline.parallel.ds_config import deepspeed_config
+from pipeline.parallel.engine import build_engine, build_model
 from pipeline.checkpoint import io as checkpoint
 from pipeline.train.optim import make_optimizer
 from pipeline.train.schedule import LANGUAGE, TEACHER, Schedule, learning_rate
@@ -94,12 +95,10 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.schedule = Schedule.from_config(cfg.train)
+        if cfg.model.vocab_size is None:  # the config resolves it from the tokenizer, when there is one
+            raise ConfigError(f"data.tokenizer: no tokenizer directory at {cfg.data.tokenizer!r} (prepare one with "
+                              f"`freelm tokenizer train` or `freelm tokenizer import`)")
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                f"({self.tokenizer.vocab_size}, {cfg.data.tokenizer})"
-            )
         self.ds_config = deepspeed_config(
             cfg.train.ds_config, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_clip
         )

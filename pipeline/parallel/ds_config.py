@@ -1,0 +1,34 @@
+"""The DeepSpeed JSON of a run, read without importing DeepSpeed (the planner reads it too)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+RECIPE_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "train_batch_size": "train.micro_batch x train.grad_accum x data-parallel size",
+}
+
+
+def deepspeed_config(path: str | Path, micro_batch: int, grad_accum: int, grad_clip: float) -> dict[str, Any]:
+    """Read a DeepSpeed JSON (precision, ZeRO stage, offload) and fill in the batch geometry and clipping,
+    which come from the recipe alone: a JSON that sets them is an error, not a second source of truth."""
+    try:
+        ds_config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"train.ds_config: file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.ds_config: {path} is not valid JSON: {err}") from None
+    for key, source in RECIPE_KEYS.items():
+        if key in ds_config:
+            raise ConfigError(f"{path} sets {key!r}; it comes from the recipe ({source})")
+    ds_config.update(
+        train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum, gradient_clipping=grad_clip
+    )
+    return ds_config
