@@ -15,8 +15,12 @@ from pipeline.model.presets import PRESETS
 
 def model_info(args: argparse.Namespace) -> None:
     overrides = [f"model.preset={args.preset}", f"parallel.tensor_parallel={args.tp}", *args.overrides]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides + ([f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []))
     from pipeline.model.size import measure
+    from pipeline.plan import ASSUMED_VOCAB
+
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = ASSUMED_VOCAB
 
     size = measure(cfg.model, tp=cfg.parallel.tensor_parallel, seq_len=args.seq_len)
     if args.json:
@@ -38,6 +42,14 @@ def model_info(args: argparse.Namespace) -> None:
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def plan(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides + ([f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []))
+    from pipeline.plan import format_plan, plan_run
+
+    result = plan_run(cfg, str(args.config or ""), args.nodes, args.gpus_per_node, args.gpu_memory)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
 
 
 def report_tokenizer(tok, out: str) -> None:
@@ -111,7 +123,7 @@ def evaluate(args: argparse.Namespace) -> None:
 def export_hf(args: argparse.Namespace) -> None:
     from pipeline.hf.export import export_hf as export
 
-    out = export(args.checkpoint, args.out, args.tag)
+    out = export(args.checkpoint, args.out, args.tag, args.dtype)
     print(f"exported {args.checkpoint} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained, "
           f"or pipeline.hf.export.from_pretrained for the LM with its teacher head)")
 
@@ -135,9 +147,22 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max positions)")
     info.add_argument("--config", default=None, help="a YAML recipe to start from")
+    info.add_argument("--tokenizer", default=None, help="size the vocab from this tokenizer (default: GPT-2's 50257)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.vocab_pad_multiple=0")
     info.set_defaults(func=model_info)
+
+    pln = sub.add_parser("plan", help="memory per GPU, tokens and checkpoint size of a recipe on a cluster, before "
+                                      "submitting it (starts nothing, touches no GPU)")
+    pln.add_argument("--config", required=True, help="a YAML recipe, e.g. recipes/13b.yaml")
+    pln.add_argument("--nodes", type=int, default=1)
+    pln.add_argument("--gpus-per-node", type=int, default=8)
+    pln.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    pln.add_argument("--tokenizer", default=None, help="size the vocab from this tokenizer (default: the recipe's "
+                                                       "data.tokenizer when prepared, else GPT-2's 50257)")
+    pln.add_argument("--json", action="store_true", help="print the plan as JSON (keys: see README)")
+    pln.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train")
+    pln.set_defaults(func=plan)
 
     tok = sub.add_parser("tokenizer", help="train or import a tokenizer").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -194,6 +219,8 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, help="a training run directory (config.yaml + checkpoints/)")
     exp.add_argument("--out", required=True, help="output directory")
     exp.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000200 (default: the latest)")
+    exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                     help="weights' precision (default: the one the run trained in)")
     exp.set_defaults(func=export_hf)
 
     dem = sub.add_parser("demo", help="end to end on generated data: tokenizer, both streams, ZeRO-3 training on "
