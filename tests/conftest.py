@@ -36,3 +36,14 @@ def cluster(tmp_path_factory):
         if os.environ.get("CI") == "true":
             raise
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory) -> Path:
+    """A GPT-2-style byte-level BPE (50,257 ids) imported with `freelm tokenizer import` (50,260 ids)."""
+    from realsize import freelm, save_gpt2_tokenizer
+
+    root = tmp_path_factory.mktemp("gpt2-tokenizer")
+    save_gpt2_tokenizer(root / "hf")
+    freelm("tokenizer", "import", "--hf", str(root / "hf"), "--out", str(root / "tok"))
+    return root / "tok"
