@@ -8,6 +8,7 @@ checkpoints; a loader rebuilt from it yields exactly what an uninterrupted run w
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -69,9 +70,12 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = _RankBatches(self.micro_batch, self.dp_rank, self.dp_size, self.consumed_samples, self.total_samples)
+        # Workers start from a fork server, not by forking this process: a fork taken after the model exists
+        # shares every page of it copy-on-write, and each optimizer step would then duplicate them.
         loader = DataLoader(
             self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
+            multiprocessing_context="forkserver" if self.num_workers else None,
         )
         for batch in loader:
             self.consumed_samples += self.micro_batch * self.dp_size
@@ -101,19 +105,15 @@ def right_pad(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, t
     return tokens, lengths
 
 
-def teacher_collate(pad_id: int) -> Callable[[list], dict[str, torch.Tensor]]:
+def collate_teacher(pad_id: int, samples: list[tuple[np.ndarray, int, int]]) -> dict[str, torch.Tensor]:
     """Right-pads propositions to the longest in the batch; `lengths` says where each one's [cls] is."""
-
-    def collate(samples: list[tuple[np.ndarray, int, int]]) -> dict[str, torch.Tensor]:
-        tokens, lengths = right_pad([ids for ids, _, _ in samples], pad_id)
-        return {
-            "tokens": tokens,
-            "lengths": lengths,
-            "labels": torch.tensor([label for _, label, _ in samples]),
-            "tasks": torch.tensor([task for _, _, task in samples]),
-        }
-
-    return collate
+    tokens, lengths = right_pad([ids for ids, _, _ in samples], pad_id)
+    return {
+        "tokens": tokens,
+        "lengths": lengths,
+        "labels": torch.tensor([label for _, label, _ in samples]),
+        "tasks": torch.tensor([task for _, _, task in samples]),
+    }
 
 
 def teacher_loader(
@@ -122,7 +122,7 @@ def teacher_loader(
 ) -> StreamLoader:
     """Endless, reshuffled each epoch."""
     dataset = EpochShuffled(PropositionDataset(prefix, max_len), seed)
-    return StreamLoader(dataset, teacher_collate(pad_id), micro_batch, dp_rank, dp_size, consumed_samples,
+    return StreamLoader(dataset, functools.partial(collate_teacher, pad_id), micro_batch, dp_rank, dp_size, consumed_samples,
                         num_workers=num_workers)
 
 

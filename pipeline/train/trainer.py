@@ -34,6 +34,7 @@ from pipeline.parallel.distributed import destroy_parallel, init_parallel
 from pipeline.parallel.ds_config import deepspeed_config
 from pipeline.parallel.engine import build_engine, build_model
 from pipeline.checkpoint import io as checkpoint
+from pipeline.train.host_memory import release_large_frees
 from pipeline.train.optim import make_optimizer
 from pipeline.train.schedule import LANGUAGE, TEACHER, Schedule, learning_rate
 from pipeline.train.throughput import peak_flops
@@ -111,8 +112,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical on every rank: the model is initialised alike
         model = build_model(lambda: FreeLM(cfg.model), self.ds_config)
         if init_from:
-            count = load_hf_weights(model, init_from, ps.get_tensor_model_parallel_group())
-            log.info(f"initialised {count} parameter tensors from {init_from} (teacher head fresh)")
+            stats = load_hf_weights(model, init_from, ps.get_tensor_model_parallel_group())
+            log.info(f"initialised from {init_from}: {stats} on rank 0 (teacher head fresh)")
         model.activation_checkpointing = cfg.train.activation_checkpointing
         optimizer, self.optimizer_name = make_optimizer(model, cfg.train, self.ds_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
@@ -304,6 +305,8 @@ def write_resolved_config(cfg: Config) -> None:
 
 def train(cfg: Config) -> TrainState:
     """Entry point for every rank (torchrun, the deepspeed launcher or srun set the environment)."""
+    if not torch.cuda.is_available():
+        release_large_frees()
     init_parallel(cfg.parallel.tensor_parallel)
     logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", force=True)
