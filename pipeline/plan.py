@@ -185,7 +185,8 @@ def device_memory(
     chosen = with_ckpt if train.activation_checkpointing else without
     logit_elems = train.micro_batch * cfg.data.seq_len * size.padded_vocab_size // tp
     logits = logit_elems * (4 + (elem if elem < 4 else 0))
-    live = elem * (size.block_params_per_tp_rank + zero["stage3_prefetch_bucket_size"]) if stage == 3 else 0
+    gathered = min(size.block_params_per_tp_rank + zero["stage3_prefetch_bucket_size"], psi)
+    live = elem * gathered if stage == 3 else 0
     buckets = elem * zero["reduce_bucket_size"] * (2 if zero.get("overlap_comm") else 1) if stage >= 1 else 0
     buckets = min(buckets, 2 * elem * psi)
     working = max(chosen[LANGUAGE] + logits, chosen[TEACHER]) + live + buckets

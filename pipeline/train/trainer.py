@@ -33,6 +33,7 @@ from pipeline.model.size import measure
 from pipeline.parallel.distributed import destroy_parallel, init_parallel
 from pipeline.parallel.ds_config import deepspeed_config
 from pipeline.parallel.engine import build_engine, build_model
+from pipeline.plan import GIB, plan_run
 from pipeline.checkpoint import io as checkpoint
 from pipeline.train.host_memory import release_large_frees
 from pipeline.train.optim import make_optimizer
@@ -291,6 +292,12 @@ class Trainer:
             f"schedule: {self.schedule.mode} {cfg.train.language_steps}:{cfg.train.teacher_steps}, "
             f"{cfg.train.steps} steps; MFU against {self.peak / 1e12:.2f} TFLOP/s per device ({self.peak_source})",
         ]
+        world, gpu = dist.get_world_size(), torch.cuda.is_available()
+        memory = plan_run(cfg, nodes=1, gpus_per_node=world, device="gpu" if gpu else "cpu").memory
+        lines.append(f"plan: {memory.peak / GIB:.2f} GiB per device at peak (params {memory.params / GIB:.2f}, grads "
+                     f"{memory.grads / GIB:.2f}, optimizer {memory.optimizer / GIB:.2f}, activations "
+                     f"{memory.activations / GIB:.2f}; largest transient: {memory.largest_transient}); freelm plan "
+                     f"--config {self.run_dir / 'config.yaml'} for all of it")
         for line in lines:
             log.info(line)
 
