@@ -14,38 +14,59 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.config import load_config
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
+from pipeline.errors import ConfigError
 from pipeline.hf.convert import hf_config, to_hf
 from pipeline.model.config import ModelConfig
 
 TEACHER_FILE = "teacher_head.safetensors"
 META_FILE = "freelm.json"
+TEACHER = "teacher_head.weight"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SHARD_BYTES = 50 * 10**9  # transformers' own default for save_pretrained
 
 
-def export_hf(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
-    """Consolidate the run's checkpoint `tag` (default: latest; ZeRO partitions and TP shards joined) and
-    write it to `out` as a Hugging Face model directory. Returns `out`."""
+def export_hf(run_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str | None = None,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write the run's checkpoint `tag` (default: latest; ZeRO partitions and TP shards joined) to `out` as a
+    Hugging Face model directory, in `dtype` (fp32, bf16 or fp16; default: the precision the run trained
+    in). Tensors stream from the partition files to the output one at a time, so memory stays near the
+    largest tensor plus `ShardedCheckpoint`'s read batch, whatever the model's size. Returns `out`."""
     from safetensors.torch import save_file
-    from pipeline.checkpoint.io import latest_tag
-    from pipeline.checkpoint.consolidate import consolidate
+
+    from pipeline.checkpoint.consolidate import ShardedCheckpoint
+    from pipeline.hf.safetensors_writer import SafetensorsWriter
 
     run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a training run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    tag = tag or latest_tag(run_dir / "checkpoints")
-    weights = consolidate(run_dir / "checkpoints", cfg.model, tag)
+    checkpoint = ShardedCheckpoint(run_dir / "checkpoints", cfg.model, tag)
+    dtype = dtype or checkpoint.precision
+    if dtype not in DTYPES:
+        raise ConfigError(f"export dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    block, torch_dtype = cfg.model.block, DTYPES[dtype]
+    plan = {}
+    for name, shape in checkpoint.shapes.items():
+        if name != TEACHER:
+            plan.update({hf: t.shape for hf, t in to_hf(block, name, torch.empty(shape, device="meta"), cfg.model).items()})
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    teacher = weights.pop("teacher_head.weight")
-    state = {}
-    for name, tensor in weights.items():
-        state.update(to_hf(cfg.model.block, name, tensor, cfg.model))
-    out.mkdir(parents=True, exist_ok=True)
-    hf_config(cfg.model, asdict(tokenizer.special)).save_pretrained(out)
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})  # the LM head is tied: not stored
-    save_file({"weight": teacher.contiguous()}, out / TEACHER_FILE)
+    with SafetensorsWriter(out, plan, torch_dtype, max_shard_bytes) as writer:  # the tied LM head is not stored
+        for name, tensor in tqdm(checkpoint.parameters(), total=len(checkpoint.shapes), desc="export", unit="tensor"):
+            if name == TEACHER:
+                save_file({"weight": tensor.to(torch_dtype).contiguous()}, out / TEACHER_FILE)
+                continue
+            for hf_name, hf_tensor in to_hf(block, name, tensor, cfg.model).items():
+                writer.write(hf_name, hf_tensor)
+    config = hf_config(cfg.model, asdict(tokenizer.special))
+    config.dtype = torch_dtype
+    config.save_pretrained(out)
     tokenizer.save(out)
-    meta = {"model": asdict(cfg.model), "source": {"run_dir": str(run_dir.resolve()), "checkpoint": tag},
+    meta = {"model": asdict(cfg.model), "dtype": dtype,
+            "source": {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint.path.name},
             "teacher_head": TEACHER_FILE, "special": asdict(tokenizer.special)}
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out

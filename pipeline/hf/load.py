@@ -3,12 +3,17 @@
 Weights are read one tensor at a time from the checkpoint's safetensors (or `pytorch_model.bin`), converted
 to FreeLM's layout, cut to this rank's tensor-parallel shard and, under ZeRO-3, written into the partitioned
 parameters one module at a time (`deepspeed.zero.GatheredParameters`), so no rank ever holds the whole
-model. The teacher head keeps its fresh initialisation.
+model. Under ZeRO-3 only rank 0 of the group the parameters are partitioned over (the data-parallel group)
+reads: the gather keeps that rank's values and hands them to the others, so the checkpoint is read once per
+tensor-parallel rank. Unpartitioned parameters (ZeRO 0-2, where every rank holds its TP shard whole) are read
+on every rank. The teacher head keeps its fresh initialisation.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +34,7 @@ class CheckpointReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.bytes_read = 0
         self.config = json.loads((self.path / "config.json").read_text())
         index = self.path / "model.safetensors.index.json"
         if index.exists():
@@ -50,10 +56,14 @@ class CheckpointReader:
                 from safetensors import safe_open
 
                 with safe_open(str(self.files[key]), framework="pt") as f:
-                    return f.get_tensor(key).float()
+                    return self._count(f.get_tensor(key))
             if not self.files and key in self.state:
-                return self.state[key].float()
+                return self._count(self.state[key])
         raise KeyError(f"{self.path}: the checkpoint has no tensor {name!r}")
+
+    def _count(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor.float()
 
 
 def check_compatible(model: ModelConfig, path: str | Path) -> None:
@@ -78,12 +88,25 @@ def check_compatible(model: ModelConfig, path: str | Path) -> None:
         raise ConfigError(f"train.init_from: {path} does not fit {found}; set {needed}")
 
 
+@dataclass
+class ImportStats:
+    """What `load_hf_weights` did on this rank: parameter tensors set, checkpoint bytes read, seconds taken."""
+
+    tensors: int
+    bytes_read: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"imported {self.tensors} tensors, {self.bytes_read / 1e9:.2f} GB read in {self.seconds:.1f} s"
+
+
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, path: str | Path, tp_group: dist.ProcessGroup | None) -> int:
-    """Copy a Hugging Face checkpoint into `model` (a FreeLM, possibly TP-sharded and ZeRO-3 partitioned);
-    returns the number of parameter tensors loaded."""
+def load_hf_weights(model: nn.Module, path: str | Path, tp_group: dist.ProcessGroup | None) -> ImportStats:
+    """Copy a Hugging Face checkpoint into `model` (a FreeLM, possibly TP-sharded and ZeRO-3 partitioned).
+    Collective under ZeRO-3: every rank of the model calls it."""
     import deepspeed
 
+    start = time.perf_counter()
     reader = CheckpointReader(path)
     block = BLOCK_OF_MODEL_TYPE[reader.config["model_type"]]
     rank = dist.get_rank(tp_group) if tp_group is not None else 0
@@ -98,9 +121,12 @@ def load_hf_weights(model: nn.Module, path: str | Path, tp_group: dist.ProcessGr
             continue
         seen.update(id(p) for _, p in params)
         partitioned = any(hasattr(p, "ds_id") for _, p in params)
+        # modifier_rank is a rank of the parameters' own (data-parallel) group: only its values survive the gather
+        reads = not partitioned or dist.get_rank(params[0][1].ds_process_group) == 0
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0, enabled=partitioned):
             for name, param in params:
-                full = from_hf(block, name, reader, model.cfg, rows=model.vocab_size)
-                param.data.copy_(shard(full, param, rank, world_size))
+                if reads:
+                    full = from_hf(block, name, reader, model.cfg, rows=model.vocab_size)
+                    param.data.copy_(shard(full, param, rank, world_size))
                 loaded += 1
-    return loaded
+    return ImportStats(loaded, reader.bytes_read, time.perf_counter() - start)
