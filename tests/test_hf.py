@@ -133,6 +133,7 @@ def test_partition_reader_equals_deepspeed_zero_to_fp32(data, tmp_path):  # noqa
             assert ours.keys() == reference.keys(), name
             for key, tensor in reference.items():
                 assert torch.equal(ours[key], tensor), f"{name} TP rank {tp_rank}: {key}"
+                assert not ours[key].requires_grad  # no autograd link back to the mapped files
 
 
 def save_tiny_gpt2(path: Path) -> None:

@@ -166,6 +166,7 @@ class ZeroShard:
                                  f"{offset}: a layout this reader does not know")
         return layout
 
+    @torch.no_grad()  # the saved flat groups require grad: a copy under autograd would keep their file mapped
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named parameters, fp32, whole across data-parallel ranks (this TP rank's shard of each). Every
         partition file is mapped once per call and unmapped before the next."""
