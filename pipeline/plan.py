@@ -21,7 +21,8 @@ GIB = 1024**3
 ASSUMED_VOCAB = 50257  # GPT-2's BPE, when neither model.vocab_size nor a prepared tokenizer says otherwise
 GPU_RUNTIME_BYTES = int(1.5 * GIB)  # CUDA context, NCCL buffers and allocator slack: outside torch's counts
 DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "sub_group_size": 1e9,
-               "stage3_param_persistence_threshold": 1e5}
+               "stage3_param_persistence_threshold": 1e5, "stage3_max_live_parameters": 1e9,
+               "stage3_max_reuse_distance": 1e9}
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Memory:
     activations_without_checkpointing: int
     activations_with_checkpointing: int
     logits: int  # the LM head's logits of one micro-batch (fp32, plus the bf16/fp16 ones they come from)
-    zero3_live: int  # parameters gathered for the running block plus ZeRO-3's prefetch bucket
+    zero3_live: int  # parameters gathered for the running block, prefetched, and kept for reuse
     grad_buckets: int  # gradient reduce buckets
     step_buffer: int  # the fp32 gradient copy the optimizer step makes
     runtime: int  # CUDA context and NCCL; 0 on CPU
@@ -185,7 +186,10 @@ def device_memory(
     chosen = with_ckpt if train.activation_checkpointing else without
     logit_elems = train.micro_batch * cfg.data.seq_len * size.padded_vocab_size // tp
     logits = logit_elems * (4 + (elem if elem < 4 else 0))
-    gathered = min(size.block_params_per_tp_rank + zero["stage3_prefetch_bucket_size"], psi)
+    # ZeRO-3 holds the running block's parameters, those prefetched ahead of it, and those it will reuse soon
+    # (e.g. the last blocks between forward and backward); DeepSpeed's defaults (1e9) can keep a whole model.
+    ahead = min(zero["stage3_prefetch_bucket_size"] + zero["stage3_max_reuse_distance"], zero["stage3_max_live_parameters"])
+    gathered = min(size.block_params_per_tp_rank + ahead, psi)
     live = elem * gathered if stage == 3 else 0
     buckets = elem * zero["reduce_bucket_size"] * (2 if zero.get("overlap_comm") else 1) if stage >= 1 else 0
     buckets = min(buckets, 2 * elem * psi)
