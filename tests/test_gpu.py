@@ -19,7 +19,8 @@ import torch
 from distributed import free_port, run_ranks
 from test_train import REPO, data, metrics, overrides  # noqa: F401  (data is a fixture)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 BF16, FP16 = REPO / "ds_configs" / "zero3_bf16.json", REPO / "ds_configs" / "zero3_fp16.json"
 SDPA_OPS = {"flash": "aten::_scaled_dot_product_flash_attention",

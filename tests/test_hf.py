@@ -135,6 +135,14 @@ def test_partition_reader_equals_deepspeed_zero_to_fp32(data, tmp_path):  # noqa
                 assert torch.equal(ours[key], tensor), f"{name} TP rank {tp_rank}: {key}"
                 assert not ours[key].requires_grad  # no autograd link back to the mapped files
 
+    # An incomplete checkpoint is one line naming what is missing.
+    (tmp_path / "zero3" / "checkpoints" / "step_00000002" / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "export-hf", "--checkpoint", str(tmp_path / "zero3"),
+                          "--out", str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        f"freelm: data error: {tmp_path / 'zero3' / 'checkpoints' / 'step_00000002'}: TP rank 1 was partitioned over "
+        "2 data-parallel ranks; the partition files of DP ranks [1] are missing or extra")
+
 
 def save_tiny_gpt2(path: Path) -> None:
     """A 2-layer GPT-2 with every weight perturbed, so a layout mistake anywhere changes its logits."""

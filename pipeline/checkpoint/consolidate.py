@@ -14,6 +14,7 @@ The tensor-parallel shards are then joined along the dimension megatron-core spl
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import pickle
 import re
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pipeline.checkpoint.io import latest_tag
+from pipeline.errors import DataError
 from pipeline.model.config import ModelConfig
 
 MP_RANK = re.compile(r"mp_rank_(\d+)")
@@ -36,7 +38,7 @@ def resolve_tag(ckpt_dir: str | Path, tag: str | None = None) -> tuple[Path, str
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_tag(ckpt_dir)
     if tag is None or not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint {tag or '(no latest file)'}")
+        raise DataError(f"{ckpt_dir}: no checkpoint {tag or '(no latest file)'}")
     return ckpt_dir, tag
 
 
@@ -56,8 +58,10 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (an incomplete checkpoint?)") from None
     except (pickle.UnpicklingError, RuntimeError) as err:
-        raise ValueError(f"{path}: not a readable DeepSpeed checkpoint file: {err}") from None
+        raise DataError(f"{path}: not a readable DeepSpeed checkpoint file: {err}") from None
 
 
 class Segment(NamedTuple):
@@ -83,14 +87,6 @@ def split_range(bounds: list[int], start: int, numel: int) -> Iterator[tuple[int
         begin = end
 
 
-def cumulative(sizes: list[int]) -> list[int]:
-    total, out = 0, []
-    for size in sizes:
-        total += size
-        out.append(total)
-    return out
-
-
 class ZeroShard:
     """One tensor-parallel rank's fp32 master weights, spread over its data-parallel ranks' ZeRO partition
     files. `shapes` lists the parameters (`named_parameters()` names) in checkpoint order."""
@@ -103,27 +99,28 @@ class ZeroShard:
             match = PARTITION_FILE.search(path.name)
             if match and int(match.group(2)) == tp_rank:
                 found[int(match.group(1))] = path
-        if not found or sorted(found) != list(range(len(found))):
-            raise FileNotFoundError(f"{folder}: ZeRO partition files (*_optim_states.pt) of TP rank {tp_rank} "
-                                    f"missing or not numbered 0..N-1 (found DP ranks {sorted(found)})")
-        self.files = [found[rank] for rank in range(len(found))]
-        metas = [load_checkpoint_file(path)["optimizer_state_dict"] for path in self.files]
-        self.stage = int(metas[0]["zero_stage"])
-        self.flat_key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
-        flats = [[t.numel() for t in meta[self.flat_key]] for meta in metas]
-        paddings = metas[0].get("param_alignment_paddings")
-        count = metas[0]["partition_count"]
+        if not found:
+            raise DataError(f"{folder}: no ZeRO partition files (*_optim_states.pt) of TP rank {tp_rank}")
+        metas = {rank: load_checkpoint_file(path)["optimizer_state_dict"] for rank, path in sorted(found.items())}
+        first = next(iter(metas.values()))
+        count = first["partition_count"]
         count = max(count) if isinstance(count, list) else count
-        del metas
-        if count != len(self.files):
-            raise ValueError(f"{folder}: TP rank {tp_rank} was partitioned over {count} data-parallel ranks, "
-                             f"but {len(self.files)} partition files are there")
+        if sorted(found) != list(range(count)):
+            missing = sorted(set(range(count)) - set(found))
+            raise DataError(f"{folder}: TP rank {tp_rank} was partitioned over {count} data-parallel ranks; the "
+                            f"partition files of DP ranks {missing or sorted(found)} are missing or extra")
+        self.files = [found[rank] for rank in range(count)]
+        self.stage = int(first["zero_stage"])
+        self.flat_key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
+        flats = [[t.numel() for t in metas[rank][self.flat_key]] for rank in range(count)]
+        paddings = first.get("param_alignment_paddings")
+        del metas, first
 
         model_file = folder / (f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt" if self.stage == 3
                                else f"mp_rank_{tp_rank:02d}_model_states.pt")
         states = load_checkpoint_file(model_file)
         if states.get("frozen_param_shapes"):
-            raise ValueError(f"{model_file}: frozen parameters are not supported")
+            raise DataError(f"{model_file}: frozen parameters are not supported")
         self.ds_config: dict[str, Any] = states.get("ds_config", {})
         groups = [dict(shapes) for shapes in states["param_shapes"]]
         self.shapes: dict[str, torch.Size] = {name: torch.Size(s) for g in groups for name, s in g.items()}
@@ -134,7 +131,7 @@ class ZeroShard:
             self.layout = self._zero12_layout(groups, flats, paddings, folder)
 
     def _zero3_layout(self, flats: list[list[int]], folder: Path) -> dict[str, list[Segment]]:
-        dp, bounds, layout, offset = len(self.files), cumulative(flats[0]), {}, 0
+        dp, bounds, layout, offset = len(self.files), list(itertools.accumulate(flats[0])), {}, 0
         for name, shape in self.shapes.items():
             numel, segments = shape.numel(), []
             chunk = math.ceil(numel / dp)
@@ -145,15 +142,15 @@ class ZeroShard:
             layout[name] = segments
             offset += chunk
         if offset != bounds[-1]:
-            raise ValueError(f"{folder}: the ZeRO-3 partitions hold {bounds[-1]} elements per rank, the parameters "
-                             f"{offset}: a layout this reader does not know")
+            raise DataError(f"{folder}: the ZeRO-3 partitions hold {bounds[-1]} elements per rank, the parameters "
+                            f"{offset}: a layout this reader does not know")
         return layout
 
     def _zero12_layout(self, groups: list[dict], flats: list[list[int]], paddings: list[list[int]] | None,
                        folder: Path) -> dict[str, list[Segment]]:
         dp, layout = len(self.files), {}
         for g, shapes in enumerate(groups):
-            bounds = cumulative([flats[rank][g] for rank in range(dp)])
+            bounds = list(itertools.accumulate(flats[rank][g] for rank in range(dp)))
             offset = 0
             for i, (name, shape) in enumerate(shapes.items()):
                 numel = torch.Size(shape).numel()
@@ -162,8 +159,8 @@ class ZeroShard:
                 offset += numel + (paddings[g][i] if paddings else 0)
             align = 2 * dp  # DeepSpeed pads each group's end to a multiple of 2 x dp; saved partitions drop it
             if math.ceil(offset / align) != math.ceil(bounds[-1] / align):
-                raise ValueError(f"{folder}: parameter group {g} holds {bounds[-1]} elements, its parameters "
-                                 f"{offset}: a layout this reader does not know")
+                raise DataError(f"{folder}: parameter group {g} holds {bounds[-1]} elements, its parameters "
+                                f"{offset}: a layout this reader does not know")
         return layout
 
     @torch.no_grad()  # the saved flat groups require grad: a copy under autograd would keep their file mapped
@@ -172,7 +169,7 @@ class ZeroShard:
         partition file is mapped once per call and unmapped before the next."""
         unknown = [name for name in names if name not in self.shapes]
         if unknown:
-            raise KeyError(f"{self.files[0].parent}: no parameters {unknown[:3]} in the checkpoint")
+            raise DataError(f"{self.files[0].parent}: no parameters {unknown[:3]} in the checkpoint")
         out = {name: torch.empty(self.shapes[name], dtype=torch.float32) for name in names}
         for index, path in enumerate(self.files):
             wanted = [(out[name].view(-1), s) for name in names for s in self.layout[name] if s.file == index]
@@ -214,11 +211,13 @@ class ShardedCheckpoint:
         self.path = ckpt_dir / tag
         self.shards = [ZeroShard(ckpt_dir, rank, tag) for rank in range(tensor_parallel_degree(ckpt_dir, tag))]
         self.ds_config = self.shards[0].ds_config
-        self.precision = next((name for name in ("bf16", "fp16") if self.ds_config.get(name, {}).get("enabled")), "fp32")
+        enabled = [name for name in ("bf16", "fp16") if self.ds_config.get(name, {}).get("enabled")]
+        self.precision = enabled[0] if enabled else "fp32"
         dims = partition_dims(model)
         missing = [name for name in dims if name not in self.shards[0].shapes]
         if missing:
-            raise KeyError(f"{self.path}: no parameters {missing[:3]} in the checkpoint ({model.block} block expected)")
+            raise DataError(f"{self.path}: no parameters {missing[:3]} in the checkpoint (a {model.block} block "
+                            "model is expected)")
         self.dims = {name: dim if len(self.shards) > 1 else None for name, dim in dims.items()}
         self.shapes: dict[str, torch.Size] = {}
         for name, dim in self.dims.items():

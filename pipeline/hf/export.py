@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline.config import load_config
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.hf.convert import hf_config, to_hf
 from pipeline.model.config import ModelConfig
 
@@ -42,17 +42,18 @@ def export_hf(run_dir: str | Path, out: str | Path, tag: str | None = None, dtyp
 
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a training run directory (no config.yaml)")
+        raise DataError(f"{run_dir}: not a training run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     checkpoint = ShardedCheckpoint(run_dir / "checkpoints", cfg.model, tag)
     dtype = dtype or checkpoint.precision
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     block, torch_dtype = cfg.model.block, DTYPES[dtype]
-    plan = {}
+    plan = {}  # every Hugging Face tensor's name and shape, from conversions on the meta device
     for name, shape in checkpoint.shapes.items():
         if name != TEACHER:
-            plan.update({hf: t.shape for hf, t in to_hf(block, name, torch.empty(shape, device="meta"), cfg.model).items()})
+            converted = to_hf(block, name, torch.empty(shape, device="meta"), cfg.model)
+            plan.update({hf_name: t.shape for hf_name, t in converted.items()})
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     with SafetensorsWriter(out, plan, torch_dtype, max_shard_bytes) as writer:  # the tied LM head is not stored
         for name, tensor in tqdm(checkpoint.parameters(), total=len(checkpoint.shapes), desc="export", unit="tensor"):

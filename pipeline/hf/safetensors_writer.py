@@ -39,7 +39,7 @@ class SafetensorsWriter:
         count = len(self.files)
         self.names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
                                                         for i in range(1, count + 1)]
-        self.order = [name for names in self.files for name in names]
+        self.order = list(plan)
         self.file_of = {name: file for file, names in enumerate(self.files) for name in names}
         self.written = 0
         self.handle: BinaryIO | None = None
@@ -61,7 +61,7 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self.order[self.written] if self.written < len(self.order) else None
-        if name != expected or tensor.shape != self.plan[name]:
+        if name != expected or tensor.shape != self.plan.get(name):
             raise ValueError(f"{self.out}: got {name!r} {tuple(tensor.shape)}, the plan expects {expected!r} next")
         file = self.file_of[name]
         if self.files[file][0] == name:
@@ -77,7 +77,8 @@ class SafetensorsWriter:
         offset = 0
         for name in self.files[file]:
             end = offset + self.plan[name].numel() * self.dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[self.dtype], "shape": list(self.plan[name]), "data_offsets": [offset, end]}
+            header[name] = {"dtype": DTYPE_NAMES[self.dtype], "shape": list(self.plan[name]),
+                            "data_offsets": [offset, end]}
             offset = end
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
