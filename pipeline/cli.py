@@ -212,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="also write the results here")
     ev.add_argument("--mlflow", action="store_true", help="also log the results to the training run's MLflow run")
     ev.add_argument("--batch-tokens", type=int, default=None,
-                    help="padded tokens per batch (default 32768 on GPU, 4096 on CPU)")
+                    help="padded tokens per batch (default 32768 on GPU, 2048 on CPU)")
     ev.set_defaults(func=evaluate)
 
     exp = sub.add_parser("export-hf", help="a training checkpoint -> a Hugging Face transformers directory")

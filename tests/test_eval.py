@@ -20,6 +20,7 @@ from test_train import REPO, data, overrides, train_rank  # noqa: F401  (data: a
 
 HELDOUT = SHARED_DATA / "lm" / "wikitext-2-tokenized" / "valid.txt"
 TASK_ARGS = ("--only", "sst2,cola,mnli", "--limit", "40")
+GRID_ARGS = (*TASK_ARGS, "--heldout", str(HELDOUT), "--batch-tokens", "512")
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +67,43 @@ def test_eval_reports_tasks_with_baselines(runs, tmp_path):
     assert logged["eval/dev/cola/accuracy"] == tasks["cola"]["accuracy"] and "eval/dev/perplexity" in logged
 
 
-def test_tp2_x_dp2_grid_gives_the_one_process_numbers(runs, tmp_path):
-    """A TP=2 checkpoint on 4 gloo ranks (each loads its TP shard; examples dealt over 2 DP ranks) against
-    the same checkpoint consolidated in one process, and against the TP=1 run of the same training."""
-    extra = (*TASK_ARGS, "--heldout", str(HELDOUT), "--batch-tokens", "512")
-    one = freelm_eval(runs / "tp2", tmp_path / "one.json", *extra)
-    grid = freelm_eval(runs / "tp2", tmp_path / "grid.json", *extra, nprocs=4)
-    assert "world 4 = TP 2 x DP 2 (checkpoint TP 2)" in grid["stdout"]
-    assert "world 1 = TP 1 x DP 1 (checkpoint TP 2)" in one["stdout"]
-    assert grid["stdout"].count("FreeLM acc") == 1  # only rank 0 reports
+@pytest.fixture(scope="module")
+def tp2_one(runs, tmp_path_factory) -> dict:
+    """The TP=2 checkpoint consolidated and scored in one process: the reference for the grids."""
+    return freelm_eval(runs / "tp2", tmp_path_factory.mktemp("one") / "one.json", *GRID_ARGS)
+
+
+def assert_same_numbers(grid: dict, one: dict) -> None:
     keys = ("task", "n", "accuracy", "lm_only", "majority", "f1", "mcc")
     assert [[row[k] for k in keys] for row in grid["tasks"]] == [[row[k] for k in keys] for row in one["tasks"]]
     assert grid["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+
+
+def test_tp2_x_dp2_grid_gives_the_one_process_numbers(runs, tp2_one, tmp_path):
+    """A TP=2 checkpoint on 4 gloo ranks under torchrun (each loads its TP shard; batches dealt over 2 DP
+    ranks) against the same checkpoint consolidated in one process, and against the TP=1 run of the same
+    training."""
+    grid = freelm_eval(runs / "tp2", tmp_path / "grid.json", *GRID_ARGS, nprocs=4)
+    assert "world 4 = TP 2 x DP 2 (checkpoint TP 2)" in grid["stdout"]
+    assert "world 1 = TP 1 x DP 1 (checkpoint TP 2)" in tp2_one["stdout"]
+    assert grid["stdout"].count("FreeLM acc") == 1  # only rank 0 reports
+    assert_same_numbers(grid, tp2_one)
     tp1 = freelm_eval(runs / "tp1", tmp_path / "tp1.json", *TASK_ARGS)
     assert [(r["task"], r["accuracy"], r["lm_only"]) for r in grid["tasks"]] == [
         (r["task"], r["accuracy"], r["lm_only"]) for r in tp1["tasks"]]
+
+
+def test_sbatch_eval_runs_the_grid_over_its_tasks(cluster, runs, tp2_one, tmp_path):
+    """`sbatch slurm/eval.sh` with 2 tasks: srun starts TP=2 x DP=1 over them; rank 0 writes the JSON."""
+    resources = ["--chdir", str(REPO), "--output", str(tmp_path / "eval-%j.log"), "--partition", "debug",
+                 "--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1",
+                 "--time", "10:00"]
+    job = cluster.sbatch(REPO / "slurm" / "eval.sh", *resources, script_args=[str(runs / "tp2"), *GRID_ARGS],
+                         wait=True, timeout=600)
+    log = (tmp_path / f"eval-{job}.log").read_text()
+    assert cluster.job_state(job) == "COMPLETED", log[-3000:]
+    assert "world 2 = TP 2 x DP 1 (checkpoint TP 2)" in log and log.count("FreeLM acc") == 1
+    assert_same_numbers(json.loads((runs / "tp2" / f"eval-{job}.json").read_text()), tp2_one)
 
 
 def test_batches_follow_the_token_budget_and_the_grid_follows_the_checkpoint():

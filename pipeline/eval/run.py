@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from pipeline.data.tasks import Proposition, SplitStats, iter_propositions, load_tasks
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.eval.metrics import TaskResult, task_result
 from pipeline.eval.scoring import Batching, Placement, perplexity, score_propositions
 
-BATCH_TOKENS = {"cuda": 32768, "cpu": 4096}  # default token budget per batch
+BATCH_TOKENS = {"cuda": 32768, "cpu": 2048}  # default token budget per batch
 
 
 @dataclass
@@ -82,6 +82,8 @@ def evaluate_run(
 ) -> Evaluation:
     """A training run's latest checkpoint scored on `split` by every process of the launch (each returns
     the same results), and the perplexity of `heldout` when given."""
+    if batch_tokens is not None and batch_tokens < 1:
+        raise ConfigError(f"--batch-tokens must be at least 1, got {batch_tokens}")
     from megatron.core import parallel_state as ps
 
     from pipeline.checkpoint.consolidate import tensor_parallel_degree
