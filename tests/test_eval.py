@@ -168,3 +168,28 @@ def test_tail_only_scoring_equals_the_full_logits_definition(data, parallel_1): 
         full = model(windows[:-1].view(8, 32), signal="language", targets=windows[1:].view(8, 32)).token_loss
     assert perplexity(model, ids, 32, placement, Batching(tokens=100), max_windows=8) == pytest.approx(
         math.exp(full.mean().item()), rel=1e-5)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_one_data_error(parallel_1, tmp_path):
+    from pipeline.errors import DataError
+    from pipeline.eval.load import place_parameters
+    from pipeline.model.config import ModelConfig
+    from pipeline.model.freelm import FreeLM
+
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=200, max_seq_len=16)
+    full = dict(FreeLM(cfg).named_parameters())
+    with torch.device("meta"):
+        model = FreeLM(cfg)
+    with pytest.raises(DataError, match=r"step_9: 'blocks.0.mlp.fc.weight' has shape \(64, 32\), the model expects \(128, 32\)"):
+        place_parameters(model, {**full, "blocks.0.mlp.fc.weight": torch.zeros(64, 32)}, torch.device("cpu"),
+                         torch.float32, tmp_path / "step_9")
+    with torch.device("meta"):
+        model = FreeLM(cfg)
+    with pytest.raises(DataError, match="step_9: no tensor 'norm.weight' in the checkpoint"):
+        place_parameters(model, {k: v for k, v in full.items() if k != "norm.weight"}, torch.device("cpu"),
+                         torch.float32, tmp_path / "step_9")
+    with torch.device("meta"):
+        model = FreeLM(cfg)
+    place_parameters(model, dict(full), torch.device("cpu"), torch.float32, tmp_path / "step_9")
+    assert model.lm_head.weight is model.embed.weight and model.blocks[0].attn.qkv.weight.tensor_model_parallel
+    assert torch.equal(model.embed.weight, full["embed.weight"])
