@@ -162,7 +162,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     run_dir = prepare(work, args.shape, device)
 
-    from pipeline.eval.load import eval_dtype, load_trained
+    from pipeline.eval.load import load_trained
     from pipeline.eval.scoring import Batching, Placement, score_propositions
     from pipeline.hf.export import from_pretrained
     from pipeline.parallel.distributed import destroy_parallel, free_port, init_parallel
@@ -170,7 +170,7 @@ def main() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_PORT=str(free_port()))
     init_parallel(1)
     model, tokenizer, cfg = load_trained(run_dir, 1, device)
-    dtype = eval_dtype(cfg, device)
+    dtype = model.embed.weight.dtype
     exported = from_pretrained(work / "hf", dtype=dtype).to(device)
     props = propositions(args.limit)
     n = len({(p.task, p.example_id) for p in props})

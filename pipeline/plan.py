@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.model.size import ModelSize, measure
-from pipeline.parallel.ds_config import deepspeed_config
+from pipeline.parallel.ds_config import deepspeed_config, precision as ds_precision
 from pipeline.train.schedule import LANGUAGE, TEACHER, Schedule
 
 GIB = 1024**3
@@ -77,12 +77,6 @@ class Plan:
         return asdict(self)
 
 
-def precision_of(ds_config: dict[str, Any]) -> str:
-    if ds_config.get("bf16", {}).get("enabled"):
-        return "bf16"
-    return "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32"
-
-
 def block_activation_bytes(cfg: Config, tokens: int, tp: int, elem: int, fused_attention: bool) -> int:
     """Bytes one decoder block saves for backward over `tokens` positions (batch x seq) on one TP rank,
     counted from our blocks: the norm inputs, the inputs of every linear layer, q/k/v and the attention
@@ -132,7 +126,7 @@ def plan_run(
     dp = world // tp
     ds = deepspeed_config(train.ds_config, train.micro_batch, train.grad_accum, train.grad_clip)
     zero = {**DS_DEFAULTS, **ds.get("zero_optimization", {})}
-    stage, precision = int(zero.get("stage", 0)), precision_of(ds)
+    stage, precision = int(zero.get("stage", 0)), ds_precision(ds)
     offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     offload_param = stage == 3 and zero.get("offload_param", {}).get("device", "none") not in ("none", None)
     size = measure(cfg.model, tp, cfg.data.seq_len)

@@ -27,6 +27,7 @@ import torch
 from pipeline.checkpoint.io import latest_tag
 from pipeline.errors import DataError
 from pipeline.model.config import ModelConfig
+from pipeline.parallel.ds_config import precision
 
 MP_RANK = re.compile(r"mp_rank_(\d+)")
 PARTITION_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -182,6 +183,11 @@ class ZeroShard:
         return out
 
 
+def training_precision(ckpt_dir: str | Path, tag: str | None = None) -> str:
+    """'bf16', 'fp16' or 'fp32': what the run trained in, from the DeepSpeed config saved with the checkpoint."""
+    return precision(ZeroShard(ckpt_dir, 0, tag).ds_config)
+
+
 def tp_shard_state(ckpt_dir: str | Path, tp_rank: int, tag: str | None = None) -> dict[str, torch.Tensor]:
     """TP rank `tp_rank`'s fp32 weights with the ZeRO partitions of every data-parallel rank merged: the
     tensors a model built at the checkpoint's TP degree holds on that rank, by `named_parameters()` name, and
@@ -211,8 +217,7 @@ class ShardedCheckpoint:
         self.path = ckpt_dir / tag
         self.shards = [ZeroShard(ckpt_dir, rank, tag) for rank in range(tensor_parallel_degree(ckpt_dir, tag))]
         self.ds_config = self.shards[0].ds_config
-        enabled = [name for name in ("bf16", "fp16") if self.ds_config.get(name, {}).get("enabled")]
-        self.precision = enabled[0] if enabled else "fp32"
+        self.precision = precision(self.ds_config)
         dims = partition_dims(model)
         missing = [name for name in dims if name not in self.shards[0].shapes]
         if missing:

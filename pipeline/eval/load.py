@@ -8,7 +8,6 @@ megatron-core's tensor-parallel attributes are kept.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -16,26 +15,15 @@ from torch import nn
 
 from pipeline.config import Config, load_config
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import DataError
 from pipeline.model.freelm import FreeLM
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def eval_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (no fast bf16 / fp16 there); on GPU the precision the run trained in, from the DeepSpeed
-    JSON its config names (train.ds_config)."""
-    if device.type == "cpu":
-        return torch.float32
-    path = Path(cfg.train.ds_config)
-    try:
-        ds_config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"train.ds_config: file not found: {path} (named by the run's config.yaml)") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"train.ds_config: {path} is not valid JSON: {err}") from None
-    enabled = [name for name in PRECISIONS if ds_config.get(name, {}).get("enabled")]
-    return PRECISIONS[enabled[0]] if enabled else torch.float32
+def eval_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (no fast bf16 / fp16 there); on GPU the precision the run trained in."""
+    return torch.float32 if device.type == "cpu" else PRECISIONS.get(precision, torch.float32)
 
 
 def load_trained(run_dir: str | Path, tp: int = 1, device: torch.device | str = "cpu") -> tuple[FreeLM, Tokenizer, Config]:
@@ -44,15 +32,17 @@ def load_trained(run_dir: str | Path, tp: int = 1, device: torch.device | str = 
     own TP rank's shard (megatron-core's grid must be initialised at that degree)."""
     from megatron.core import parallel_state
 
-    from pipeline.checkpoint.consolidate import consolidate, resolve_tag, tensor_parallel_degree, tp_shard_state
+    from pipeline.checkpoint.consolidate import (
+        consolidate, resolve_tag, tensor_parallel_degree, tp_shard_state, training_precision,
+    )
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise DataError(f"{run_dir}: not a training run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     device = torch.device(device)
-    dtype = eval_dtype(cfg, device)
     ckpt_dir, tag = resolve_tag(run_dir / "checkpoints")
+    dtype = eval_dtype(training_precision(ckpt_dir, tag), device)
     if tp == 1:
         state = consolidate(ckpt_dir, cfg.model, tag)
         model_cfg = dataclasses.replace(cfg.model, vocab_size=state["embed.weight"].shape[0], vocab_pad_multiple=0)

@@ -32,3 +32,11 @@ def deepspeed_config(path: str | Path, micro_batch: int, grad_accum: int, grad_c
         train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum, gradient_clipping=grad_clip
     )
     return ds_config
+
+
+def precision(ds_config: dict[str, Any]) -> str:
+    """What a DeepSpeed config trains in: 'bf16', 'fp16' or 'fp32'."""
+    for name in ("bf16", "fp16"):
+        if ds_config.get(name, {}).get("enabled"):
+            return name
+    return "fp32"

@@ -31,7 +31,7 @@ from pipeline.hf.load import check_compatible, load_hf_weights
 from pipeline.model.freelm import FreeLM
 from pipeline.model.size import measure
 from pipeline.parallel.distributed import destroy_parallel, init_parallel
-from pipeline.parallel.ds_config import deepspeed_config
+from pipeline.parallel.ds_config import deepspeed_config, precision as ds_precision
 from pipeline.parallel.engine import build_engine, build_model
 from pipeline.plan import GIB, plan_run
 from pipeline.checkpoint import io as checkpoint
@@ -104,7 +104,7 @@ class Trainer:
         self.ds_config = deepspeed_config(
             cfg.train.ds_config, cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.grad_clip
         )
-        self.fp16 = self.ds_config.get("fp16", {}).get("enabled", False)
+        self.fp16 = ds_precision(self.ds_config) == "fp16"
 
         # A run with a checkpoint resumes from it; only a fresh one starts from `init_from`.
         init_from = cfg.train.init_from if checkpoint.latest_tag(self.ckpt_dir) is None else None
@@ -273,7 +273,7 @@ class Trainer:
         if dist.get_rank() != 0:
             return
         cfg, size = self.cfg, self.size
-        precision = "bf16" if self.ds_config.get("bf16", {}).get("enabled") else "fp16" if self.fp16 else "fp32"
+        precision = ds_precision(self.ds_config)
         attention = "SDPA, CPU math kernel"
         if torch.cuda.is_available():
             enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
