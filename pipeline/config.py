@@ -57,6 +57,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     save_every: int = 500
+    keep_checkpoints: int = 3  # the newest N complete checkpoints stay, older ones are deleted (0: keep all)
+    keep_every: int = 0  # ... except every K-th step's, kept for the record (0: none)
     log_every: int = 1
     exit_after: int | None = None  # stop (with a checkpoint) after this many steps in this job
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
@@ -90,6 +92,9 @@ class Config:
         for key in positive:
             if getattr(train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+        for key in ("keep_checkpoints", "keep_every"):
+            if getattr(train, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0 (0: keep all / none), got {getattr(train, key)}")
         if train.teacher_steps < 0 or (train.teacher_steps == 0 and train.schedule == "mixed"):
             raise ConfigError(f"train.teacher_steps must be >= 1 (0 only with the interactive schedule: a "
                               f"language-only run), got {train.teacher_steps}")

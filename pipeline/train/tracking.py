@@ -3,6 +3,11 @@
 `Tracker.log` only appends a line to metrics.jsonl and puts the points on a queue. A daemon thread owns the
 MLflow client: it creates or resumes the run and delivers the points in batches. When the tracking server is
 down or slow it keeps a bounded backlog and retries with capped backoff, so training never waits on MLflow.
+
+A job that resumes from a checkpoint trains the steps after it again. metrics.jsonl is cut back to the
+checkpoint's step (rewritten atomically) so that it holds every step once; MLflow keeps every point it is
+sent and cannot forget one, so the steps it already holds for this run are not sent again (with exact
+resume their values are the ones it has).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
 MAX_PARAM_CHARS = 6000
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
+STEP_KEY = "lr"  # logged at every step: its last step in MLflow is the last step MLflow holds
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,8 @@ class Tracker:
     """Logs metrics from the training loop without ever blocking it; see the module docstring."""
 
     def __init__(self, run_dir: str | Path, *, uri: str | None, experiment: str, run_name: str | None,
-                 params: Mapping[str, Any], queue_size: int = 100_000) -> None:
+                 params: Mapping[str, Any], resume_step: int | None = None, queue_size: int = 100_000) -> None:
+        """`resume_step`: the checkpoint step a resumed job continues from; records past it are dropped."""
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / 'mlflow.db'}"
@@ -49,6 +56,8 @@ class Tracker:
         # one attempt would then hold the backlog (and close()) hostage. The worker retries on its own schedule.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        if resume_step is not None:
+            cut_history(self.run_dir / "metrics.jsonl", resume_step)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._queue: queue.SimpleQueue[list[Point] | _Close] = queue.SimpleQueue()
         self._logged = 0  # finite points put on the queue; written by the caller's thread only
@@ -113,6 +122,7 @@ class _Worker:
         self._dropped = 0
         self._refused: set[str] = set()
         self._outage = False
+        self._held_through = -1  # a resumed run's last step already in MLflow: not sent again
 
     def run(self) -> None:
         close: _Close | None = None
@@ -175,7 +185,11 @@ class _Worker:
         if self._client is None:
             self._client = MlflowClient(self._uri)
         if self.run_id is None:
-            self.run_id = self._resume() or self._create_run()
+            resumed = self._resume()
+            self.run_id = resumed or self._create_run()
+            if resumed:
+                history = self._client.get_metric_history(resumed, STEP_KEY)
+                self._held_through = max((m.step for m in history), default=-1)
         if self._params_pending:
             self._log_params()
             self._params_pending = False
@@ -219,8 +233,9 @@ class _Worker:
         """Deliver the backlog in order; a batch leaves it only once MLflow has taken it."""
         while self._backlog:
             batch = list(itertools.islice(self._backlog, MAX_METRICS_PER_CALL))
-            points = [point for point in batch if point[0] not in self._refused]
-            delivered = self._send(points) if points else 0
+            held = sum(point[3] <= self._held_through for point in batch)
+            points = [point for point in batch if point[0] not in self._refused and point[3] > self._held_through]
+            delivered = held + (self._send(points) if points else 0)
             for _ in batch:
                 self._backlog.popleft()
             self.delivered += delivered
@@ -254,6 +269,31 @@ class _Worker:
         if self._outage:
             log.info("tracking server at %s reachable again; the backlog has been delivered", self._uri)
         self._outage = False
+
+
+def cut_history(path: Path, step: int) -> None:
+    """Drop the records of `path` (metrics.jsonl) past `step`, and a last line cut short by a crash, by
+    rewriting it atomically; the file is left alone when there is nothing to drop."""
+    if not path.exists():
+        return
+    kept, dropped = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            record_step = None  # a line cut short
+        if record_step is not None and record_step <= step:
+            kept.append(line)
+        else:
+            dropped.append(record_step)
+    if not dropped:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    steps = [d for d in dropped if d is not None]
+    log.info("%s: dropped %d records past step %d (steps %s trained again after resuming)", path, len(dropped), step,
+             f"{min(steps)}-{max(steps)}" if steps else "none")
 
 
 def _brief(exc: Exception) -> str:

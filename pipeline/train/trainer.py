@@ -258,7 +258,8 @@ class Trainer:
         self.state.streams = {name: stream.state_dict() for name, stream in self.streams.items()}
         path = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, {"trainer": vars(self.state)})
         if dist.get_rank() == 0:
-            log.info(f"checkpoint: {path}")
+            removed = checkpoint.prune(self.ckpt_dir, self.train_cfg.keep_checkpoints, self.train_cfg.keep_every)
+            log.info(f"checkpoint: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
 
     def _tracker(self):
         if dist.get_rank() != 0 or not self.cfg.tracking.enabled:
@@ -267,7 +268,7 @@ class Trainer:
 
         tracking = self.cfg.tracking
         return Tracker(self.run_dir, uri=tracking.uri, experiment=tracking.experiment, run_name=tracking.run_name,
-                       params=flatten(to_dict(self.cfg)))
+                       params=flatten(to_dict(self.cfg)), resume_step=self.state.step)
 
     def _log_start(self) -> None:
         if dist.get_rank() != 0:

@@ -1,0 +1,60 @@
+"""What a resumed job leaves behind: every step once in metrics.jsonl and in MLflow, and only the checkpoints
+that retention keeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distributed import run_ranks
+from test_train import data, metrics, overrides, train_rank  # noqa: F401  (data: a fixture)
+
+
+def mlflow_steps(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    saved = json.loads((run_dir / "mlflow_run.json").read_text())
+    history = MlflowClient(saved["tracking_uri"]).get_metric_history(saved["run_id"], key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def test_a_job_resumed_after_a_lost_segment_logs_every_step_once(data, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    args = {"train.save_every": 2, "train.keep_checkpoints": 0}
+    run_ranks(train_rank, 2, overrides(data, run_dir, **{"train.steps": 6}, **args))
+    first = {row["step"]: row["loss/language"] for row in metrics(run_dir) if "loss/language" in row}
+    # The job died while saving step 6: `latest` still names step 4, and steps 5-6 are logged but lost.
+    (run_dir / "checkpoints" / "latest").write_text("step_00000004")
+    with open(run_dir / "metrics.jsonl", "a") as jsonl:
+        jsonl.write('{"step": 7, "loss/lang')  # and its last line was cut short
+    run_ranks(train_rank, 2, overrides(data, run_dir, **{"train.steps": 8}, **args))
+    rows = metrics(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    resumed = {row["step"]: row["loss/language"] for row in rows if "loss/language" in row}
+    assert {step: resumed[step] for step in first} == first  # exact resume: steps 5-6 trained again, equal
+    for key in ("lr", "loss/language", "loss/teacher"):
+        steps = [step for step, _ in mlflow_steps(run_dir, key)]
+        assert steps == sorted(set(steps)) and set(steps) == {r["step"] for r in rows if key in r}
+
+
+def test_retention_keeps_the_newest_and_every_kth_checkpoint(data, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    run_ranks(train_rank, 1, overrides(data, run_dir, **{"train.steps": 6, "train.save_every": 1,
+                                                         "train.keep_checkpoints": 2, "train.keep_every": 4}))
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000004", "step_00000005", "step_00000006"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+
+
+def test_the_trainers_own_state_loads_without_unpickling_objects(data, tmp_path):  # noqa: F811
+    import torch
+
+    from pipeline.checkpoint.consolidate import load_checkpoint_file
+
+    run_dir = tmp_path / "run"
+    run_ranks(train_rank, 1, overrides(data, run_dir, **{"train.steps": 2}))
+    step = run_dir / "checkpoints" / "step_00000002"
+    rng = torch.load(step / "rng_rank00000.pt", weights_only=True)
+    assert set(rng) == {"python", "numpy", "torch"}
+    trainer = load_checkpoint_file(step / "zero_pp_rank_0_mp_rank_00_model_states.pt")["trainer"]  # weights only
+    assert trainer["step"] == 2 and set(trainer["streams"]) == {"language", "teacher"}
