@@ -4,10 +4,14 @@ that retention keeps."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from distributed import run_ranks
-from test_train import data, metrics, overrides, train_rank  # noqa: F401  (data: a fixture)
+from distributed import free_port, run_ranks
+from test_train import REPO, data, metrics, overrides, train_rank, wait_for_lines  # noqa: F401  (data: a fixture)
 
 
 def mlflow_steps(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -58,3 +62,25 @@ def test_the_trainers_own_state_loads_without_unpickling_objects(data, tmp_path)
     assert set(rng) == {"python", "numpy", "torch"}
     trainer = load_checkpoint_file(step / "zero_pp_rank_0_mp_rank_00_model_states.pt")["trainer"]  # weights only
     assert trainer["step"] == 2 and set(trainer["streams"]) == {"language", "teacher"}
+
+
+def test_sigterm_to_every_process_with_loader_workers_checkpoints_on_every_rank(data, tmp_path):  # noqa: F811
+    """What slurmstepd does on scancel or preemption: SIGTERM to every process of the step, loader workers
+    included. Two ranks started as srun starts them (one process each), two workers per stream."""
+    args = overrides(data, tmp_path, **{"train.steps": 60, "train.save_every": 1000, "data.num_workers": 2})
+    port, procs = str(free_port()), []
+    for rank in range(2):  # one process group, as a job step's processes share one
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      process_group=procs[0].pid if procs else 0))
+    wait_for_lines(tmp_path / "metrics.jsonl", 5, procs[0])
+    os.killpg(procs[0].pid, signal.SIGTERM)
+    errors = [proc.communicate(timeout=180)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    stopped_at = len(metrics(tmp_path))
+    assert stopped_at < 60 and f"checkpoint at step {stopped_at} saved" in errors[0]
+    assert "killed by signal" not in errors[0] + errors[1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / f"step_{stopped_at:08d}").glob("rng_rank*")) == [
+        "rng_rank00000.pt", "rng_rank00001.pt"]

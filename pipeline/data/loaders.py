@@ -9,6 +9,7 @@ checkpoints; a loader rebuilt from it yields exactly what an uninterrupted run w
 from __future__ import annotations
 
 import functools
+import signal
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -16,6 +17,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.propositions import PropositionDataset
+
+
+def leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGUSR1: SLURM sends them to every process of a job step, and the rank
+    then stops after its current step with a checkpoint, shutting its workers down itself. (A worker whose
+    rank dies still exits: it watches its parent.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class EpochShuffled(Dataset):
@@ -76,6 +85,7 @@ class StreamLoader:
             self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
             multiprocessing_context="forkserver" if self.num_workers else None,
+            worker_init_fn=leave_stop_signals_to_the_rank if self.num_workers else None,
         )
         for batch in loader:
             self.consumed_samples += self.micro_batch * self.dp_size
