@@ -108,10 +108,11 @@ def activation_bytes(cfg: Config, batch: int, tp: int, elem: int, fused: bool, c
 
 def plan_run(
     cfg: Config, recipe: str = "", nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gib: float = 80.0,
-    device: str = "gpu",
+    device: str = "gpu", advise: bool = True,
 ) -> Plan:
     """The plan of `cfg` on `nodes` x `gpus_per_node` devices of `gpu_memory_gib` each (`device="cpu"`: the
-    same arithmetic for a CPU run, without the GPU runtime and with CPU attention kernels)."""
+    same arithmetic for a CPU run, without the GPU runtime and with CPU attention kernels). `advise`: when it
+    does not fit, look for the single change that makes it fit."""
     notes = []
     vocab_source = f"tokenizer {cfg.data.tokenizer}" if cfg.model.vocab_size is not None else ""
     if cfg.model.vocab_size is None:
@@ -153,7 +154,8 @@ def plan_run(
         fits=fits, advice="", checkpoint_bytes=int(checkpoint), notes=notes,
     )
     if not fits:
-        plan.advice = advice(cfg, nodes, gpus_per_node, gpu_memory_gib, device, memory.peak)
+        plan.advice = advice(cfg, nodes, gpus_per_node, gpu_memory_gib, device, memory.peak) if advise else \
+            f"does not fit: {memory.peak / GIB:.1f} GiB > {gpu_memory_gib:g} GiB"
     return plan
 
 
@@ -230,7 +232,7 @@ def advice(cfg: Config, nodes: int, gpus: int, gib: float, device: str, peak: in
             section, key = dotted.split(".")
             setattr(getattr(trial, section), key, value)
         try:
-            trial_peak = plan_run(trial, "", trial_nodes, gpus, gib, device).memory.peak
+            trial_peak = plan_run(trial, "", trial_nodes, gpus, gib, device, advise=False).memory.peak
         except ConfigError:
             continue
         if trial_peak <= gib * GIB:

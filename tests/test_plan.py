@@ -89,6 +89,8 @@ def test_a_plan_that_does_not_fit_names_the_change_that_does():
     assert plan["advice"].startswith("does not fit: ") and "set train.activation_checkpointing=true" in plan["advice"]
     fixed = plan_json("--config", "recipes/13b.yaml", "--nodes", "4", "--gpu-memory", "40", "model.vocab_size=50257")
     assert fixed["fits"]
+    hopeless = plan_json("--config", "recipes/13b.yaml", "--gpu-memory", "4", "model.vocab_size=50257")
+    assert not hopeless["fits"] and "no single change makes it fit" in hopeless["advice"]
 
 
 def build_at_recipe_tp(recipe: str, out: str) -> None:
