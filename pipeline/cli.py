@@ -17,10 +17,9 @@ def model_info(args: argparse.Namespace) -> None:
     overrides = [f"model.preset={args.preset}", f"parallel.tensor_parallel={args.tp}", *args.overrides]
     cfg = load_config(args.config, overrides + ([f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []))
     from pipeline.model.size import measure
-    from pipeline.plan import ASSUMED_VOCAB
+    from pipeline.plan import assume_vocab
 
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = ASSUMED_VOCAB
+    assume_vocab(cfg)
 
     size = measure(cfg.model, tp=cfg.parallel.tensor_parallel, seq_len=args.seq_len)
     if args.json:

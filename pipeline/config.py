@@ -111,7 +111,6 @@ class Config:
             )
         return self
 
-
     def resolve_vocab(self) -> None:
         """`model.vocab_size` follows the tokenizer in `data.tokenizer` (when it exists yet). A pinned size is
         kept if the tokenizer fits its padded embedding (the size is then raised to the tokenizer's, which
@@ -122,8 +121,10 @@ class Config:
         if not path or not Path(path).is_dir():
             return
         ids = tokenizer_vocab_size(path)
-        if model.vocab_size is None or ids <= model.vocab_size:
-            model.vocab_size = model.vocab_size or ids
+        if model.vocab_size is None:
+            model.vocab_size = ids
+            return
+        if ids <= model.vocab_size:
             return
         padded = model.padded_vocab_size(self.parallel.tensor_parallel)
         if ids > padded:

@@ -106,6 +106,14 @@ def activation_bytes(cfg: Config, batch: int, tp: int, elem: int, fused: bool, c
     return int(kept + 2 * tokens * cfg.model.d_model * elem)
 
 
+def assume_vocab(cfg: Config) -> str:
+    """Where `model.vocab_size` comes from; without a prepared tokenizer or a pinned size, GPT-2's is set."""
+    if cfg.model.vocab_size is not None:
+        return f"tokenizer {cfg.data.tokenizer}"
+    cfg.model.vocab_size = ASSUMED_VOCAB
+    return "GPT-2's, assumed: no tokenizer prepared yet; pass --tokenizer or model.vocab_size"
+
+
 def plan_run(
     cfg: Config, recipe: str = "", nodes: int = 1, gpus_per_node: int = 8, gpu_memory_gib: float = 80.0,
     device: str = "gpu", advise: bool = True,
@@ -114,10 +122,7 @@ def plan_run(
     same arithmetic for a CPU run, without the GPU runtime and with CPU attention kernels). `advise`: when it
     does not fit, look for the single change that makes it fit."""
     notes = []
-    vocab_source = f"tokenizer {cfg.data.tokenizer}" if cfg.model.vocab_size is not None else ""
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = ASSUMED_VOCAB
-        vocab_source = "GPT-2's, assumed: no tokenizer prepared yet; pass --tokenizer or model.vocab_size"
+    vocab_source = assume_vocab(cfg)
     train, tp = cfg.train, cfg.parallel.tensor_parallel
     world = nodes * gpus_per_node
     if world % tp:

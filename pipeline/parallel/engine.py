@@ -18,7 +18,6 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 
-
 class MegatronMPU:
     """The model-parallel-unit interface DeepSpeed calls, backed by megatron-core's parallel_state."""
 

@@ -294,7 +294,7 @@ class Trainer:
             f"{cfg.train.steps} steps; MFU against {self.peak / 1e12:.2f} TFLOP/s per device ({self.peak_source})",
         ]
         world, gpu = dist.get_world_size(), torch.cuda.is_available()
-        memory = plan_run(cfg, nodes=1, gpus_per_node=world, device="gpu" if gpu else "cpu").memory
+        memory = plan_run(cfg, nodes=1, gpus_per_node=world, device="gpu" if gpu else "cpu", advise=False).memory
         lines.append(f"plan: {memory.peak / GIB:.2f} GiB per device at peak (params {memory.params / GIB:.2f}, grads "
                      f"{memory.grads / GIB:.2f}, optimizer {memory.optimizer / GIB:.2f}, activations "
                      f"{memory.activations / GIB:.2f}; largest transient: {memory.largest_transient}); freelm plan "
