@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import EXIT_CHECKPOINT_ERROR, EXIT_USER_ERROR, CheckpointError, ConfigError, DataError
 from pipeline.model.presets import PRESETS
 
 
@@ -92,11 +92,12 @@ def data_tasks(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
+    from pipeline.train.liveness import RankFailure
     from pipeline.train.trainer import TrainingError, train as run_training
 
     try:
         run_training(cfg)
-    except TrainingError as err:
+    except (TrainingError, RankFailure) as err:  # exit 1: slurm/train.sh restarts from the latest checkpoint
         print(f"freelm: training stopped: {err}", file=sys.stderr)
         sys.exit(1)
 
@@ -238,10 +239,13 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except ConfigError as err:
         print(f"freelm: config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     except DataError as err:
         print(f"freelm: data error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
+    except CheckpointError as err:
+        print(f"freelm: checkpoint error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CHECKPOINT_ERROR)
 
 
 if __name__ == "__main__":

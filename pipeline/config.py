@@ -23,6 +23,9 @@ from pipeline.model.presets import PRESETS
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
+    # How long a collective may wait for the slowest rank before the job fails with an error (instead of
+    # hanging): longer than rank 0 alone takes to build a dataset index or to write the largest checkpoint.
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Config:
         for key in positive:
             if getattr(train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+        if self.parallel.timeout_minutes <= 0:
+            raise ConfigError(f"parallel.timeout_minutes must be > 0, got {self.parallel.timeout_minutes}")
         for key in ("keep_checkpoints", "keep_every"):
             if getattr(train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0 (0: keep all / none), got {getattr(train, key)}")

@@ -36,7 +36,7 @@ def cpu_overrides(world: Path, run_dir: Path, steps: int) -> list[str]:
         f"train.run_dir={run_dir}", f"train.init_from={world / 'gpt2-medium'}",
         f"train.ds_config={REPO / 'ds_configs' / 'zero3.json'}", "data.seq_len=64", "train.micro_batch=1",
         "train.teacher_micro_batch=2", "train.grad_accum=1", f"train.steps={steps}", "train.warmup_steps=1",
-        "train.save_every=2", "train.log_every=1",
+        "train.save_every=2", "train.log_every=1", "train.keep_checkpoints=1",  # 4.3 GB each
     ]
 
 

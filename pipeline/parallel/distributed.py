@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -40,8 +42,9 @@ def launch_env() -> LaunchEnv:
     )
 
 
-def init_parallel(tensor_parallel: int = 1) -> LaunchEnv:
-    """Join the default process group (NCCL on GPU, gloo on CPU) and build megatron-core's TP x DP grid."""
+def init_parallel(tensor_parallel: int = 1, timeout_minutes: float = 30.0) -> LaunchEnv:
+    """Join the default process group (NCCL on GPU, gloo on CPU) and build megatron-core's TP x DP grid.
+    A collective that waits longer than `timeout_minutes` for a rank fails instead of hanging."""
     launch = launch_env()
     # DeepSpeed reads these names whichever launcher (or none) started the process.
     os.environ.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
@@ -54,9 +57,11 @@ def init_parallel(tensor_parallel: int = 1) -> LaunchEnv:
             backend="nccl" if torch.cuda.is_available() else "gloo",
             rank=launch.rank,
             world_size=launch.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                                 distributed_timeout_minutes=math.ceil(timeout_minutes))
     return launch
 
 

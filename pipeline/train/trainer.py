@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pipeline.parallel.engine import build_engine, build_model
 from pipeline.plan import GIB, plan_run
 from pipeline.checkpoint import io as checkpoint
 from pipeline.train.host_memory import release_large_frees
+from pipeline.train.liveness import phase
 from pipeline.train.optim import make_optimizer
 from pipeline.train.schedule import LANGUAGE, TEACHER, Schedule, learning_rate
 from pipeline.train.throughput import peak_flops
@@ -63,9 +63,8 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _request(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second signal: stop now (the last complete checkpoint stays the latest)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        # Repeats change nothing: launchers (torchrun, deepspeed) forward a signal their whole process group
+        # already got, and a scheduler that wants the job gone follows up with SIGKILL.
         self.requested = True
 
     def agreed(self, device: torch.device) -> bool:
@@ -111,26 +110,30 @@ class Trainer:
         if init_from:
             check_compatible(cfg.model, init_from)
         torch.manual_seed(cfg.train.seed)  # identical on every rank: the model is initialised alike
-        model = build_model(lambda: FreeLM(cfg.model), self.ds_config)
-        if init_from:
-            stats = load_hf_weights(model, init_from, ps.get_tensor_model_parallel_group())
-            log.info(f"initialised from {init_from}: {stats} on rank 0 (teacher head fresh)")
-        model.activation_checkpointing = cfg.train.activation_checkpointing
-        optimizer, self.optimizer_name = make_optimizer(model, cfg.train, self.ds_config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
-        self.engine = build_engine(model, optimizer, self.ds_config, scheduler)
+        with phase("building the model and the DeepSpeed engine", announce=True):
+            model = build_model(lambda: FreeLM(cfg.model), self.ds_config)
+            if init_from:
+                stats = load_hf_weights(model, init_from, ps.get_tensor_model_parallel_group())
+                log.info(f"initialised from {init_from}: {stats} on rank 0 (teacher head fresh)")
+            model.activation_checkpointing = cfg.train.activation_checkpointing
+            optimizer, self.optimizer_name = make_optimizer(model, cfg.train, self.ds_config)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
+            self.engine = build_engine(model, optimizer, self.ds_config, scheduler)
 
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.size = measure(cfg.model, cfg.parallel.tensor_parallel, cfg.data.seq_len)
         self.peak, self.peak_source = peak_flops(cfg.train.peak_tflops)
         self.stop_request = StopRequest()
         self.state = TrainState()
-        client_state = checkpoint.load_latest(self.engine, self.ckpt_dir)
+        with phase(f"loading the latest checkpoint in {self.ckpt_dir}", announce=True):
+            client_state = checkpoint.load_latest(self.engine, self.ckpt_dir)
         if client_state is not None:
             self.state = TrainState(**client_state["trainer"])
         else:
             torch.manual_seed(cfg.train.seed + 1 + self.dp_rank)  # dropout differs across data-parallel ranks
-        self.streams = self._streams()
+        with phase("data streams (rank 0 builds or checks the dataset index, the others wait)", announce=True):
+            self.streams = self._streams()
 
     def _streams(self) -> dict[str, StreamLoader]:
         cfg, train = self.cfg, self.train_cfg
@@ -164,7 +167,8 @@ class Trainer:
         try:
             while state.step < stop:
                 start, lr = time.perf_counter(), self.engine.get_lr()[0]
-                result = self._step(iterators, self.schedule.signals(state.step))
+                with phase(f"step {state.step + 1}"):
+                    result = self._step(iterators, self.schedule.signals(state.step))
                 elapsed = time.perf_counter() - start
                 applied = self.engine.was_step_applied()
                 state.step += 1
@@ -181,9 +185,11 @@ class Trainer:
                         f"(up to step {state.step}); stopping. Last checkpoint: "
                         f"{checkpoint.latest_tag(self.ckpt_dir) or 'none'} in {self.ckpt_dir}"
                     )
-                stopping = self.stop_request.agreed(self.engine.device)
+                with phase(f"step {state.step}: the all-reduce that agrees on a stop request"):
+                    stopping = self.stop_request.agreed(self.engine.device)
                 if state.step % train.save_every == 0 or state.step == stop or stopping:
-                    self._save()
+                    with phase(f"saving the checkpoint of step {state.step}", announce=state.step <= train.save_every):
+                        self._save()
                 if stopping:
                     log.info(f"stop requested by signal: checkpoint at step {state.step} saved, exiting")
                     status = "KILLED"
@@ -206,18 +212,21 @@ class Trainer:
             total = 0.0
             for name in signals:
                 batch = {k: v.to(self.engine.device) for k, v in next(iterators[name]).items()}
-                loss, extra = self._forward(name, batch)
+                with phase(f"{name} forward (ZeRO-3 parameter all-gathers, TP all-reduces)"):
+                    loss, extra = self._forward(name, batch)
                 total = total + (weights[name] * loss if len(signals) > 1 else loss)
                 for key, value in {f"loss/{name}": loss.detach(), **extra}.items():
                     sums[key] = sums.get(key, 0.0) + value.double()
                 positions = batch["tokens"].numel()
                 tokens += positions
                 flops += positions * self.size.train_flops_per_token(batch["tokens"].shape[1])
-            self.engine.backward(total)
-            self.engine.step()
+            with phase("backward and optimizer step (ZeRO-3 gradient reduce-scatters)"):
+                self.engine.backward(total)
+                self.engine.step()
         counts = torch.tensor([tokens, flops], dtype=torch.float64, device=self.engine.device)
         reduced = torch.cat([torch.stack(list(sums.values())), counts])
-        dist.all_reduce(reduced, group=ps.get_data_parallel_group())
+        with phase("the all-reduce of the step's metrics over data-parallel ranks"):
+            dist.all_reduce(reduced, group=ps.get_data_parallel_group())
         *values, tokens, flops = reduced.tolist()
         metrics = {key: value / (train.grad_accum * self.dp_size) for key, value in zip(sums, values)}
         return StepResult(metrics, int(tokens), flops)
@@ -256,10 +265,10 @@ class Trainer:
 
     def _save(self) -> None:
         self.state.streams = {name: stream.state_dict() for name, stream in self.streams.items()}
-        path = checkpoint.save(self.engine, self.ckpt_dir, self.state.step, {"trainer": vars(self.state)})
+        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, {"trainer": vars(self.state)})
         if dist.get_rank() == 0:
-            removed = checkpoint.prune(self.ckpt_dir, self.train_cfg.keep_checkpoints, self.train_cfg.keep_every)
-            log.info(f"checkpoint: {path}" + (f" (removed {', '.join(removed)})" if removed else ""))
+            if removed := checkpoint.prune(self.ckpt_dir, self.train_cfg.keep_checkpoints, self.train_cfg.keep_every):
+                log.info(f"checkpoint: removed {', '.join(removed)} (train.keep_checkpoints, train.keep_every)")
 
     def _tracker(self):
         if dist.get_rank() != 0 or not self.cfg.tracking.enabled:
@@ -315,10 +324,12 @@ def train(cfg: Config) -> TrainState:
     """Entry point for every rank (torchrun, the deepspeed launcher or srun set the environment)."""
     if not torch.cuda.is_available():
         release_large_frees()
-    init_parallel(cfg.parallel.tensor_parallel)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.timeout_minutes)
     logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", force=True)
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    if dist.get_rank() == 0:  # index building: what and how long
+        logging.getLogger("megatron.core.datasets").setLevel(logging.INFO)
     try:
         if dist.get_rank() == 0:
             write_resolved_config(cfg)
