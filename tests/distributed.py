@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
@@ -25,3 +28,15 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
     """Call `fn(*args)` on `world_size` spawned ranks; a failure on any rank fails the caller with its traceback.
     `fn` must be a module-level function; ranks report results by writing files."""
     mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, start_method="spawn")
+
+
+def start_cli_ranks(args: list[str], world_size: int, cwd: Path, **popen: Any) -> list[subprocess.Popen]:
+    """`python -m pipeline.cli ARGS` on `world_size` processes started as srun starts a job step's tasks: one
+    process each, ranks from the environment, all in one process group (the first rank's)."""
+    port, procs = str(free_port()), []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, text=True,
+                                      process_group=procs[0].pid if procs else 0, **popen))
+    return procs

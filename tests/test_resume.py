@@ -7,10 +7,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-from distributed import free_port, run_ranks
+from distributed import run_ranks, start_cli_ranks
 from test_train import REPO, data, metrics, overrides, train_rank, wait_for_lines  # noqa: F401  (data: a fixture)
 
 
@@ -68,13 +67,7 @@ def test_sigterm_to_every_process_with_loader_workers_checkpoints_on_every_rank(
     """What slurmstepd does on scancel or preemption: SIGTERM to every process of the step, loader workers
     included. Two ranks started as srun starts them (one process each), two workers per stream."""
     args = overrides(data, tmp_path, **{"train.steps": 60, "train.save_every": 1000, "data.num_workers": 2})
-    port, procs = str(free_port()), []
-    for rank in range(2):  # one process group, as a job step's processes share one
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], cwd=REPO, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                      process_group=procs[0].pid if procs else 0))
+    procs = start_cli_ranks(["train", *args], 2, REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for_lines(tmp_path / "metrics.jsonl", 5, procs[0])
     os.killpg(procs[0].pid, signal.SIGTERM)
     errors = [proc.communicate(timeout=180)[1] for proc in procs]

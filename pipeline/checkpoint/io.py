@@ -68,12 +68,13 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _why(exc: BaseException, path: Path) -> str:
-    """One line for a failed write; a full disk says how much room is left."""
+    """One line for a failed write, with the room left where it was written (torch's own message on a full
+    disk is often only "unexpected pos ...")."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    full = getattr(exc, "errno", None) == errno.ENOSPC or "file write failed" in text or "No space" in text
-    if full and path.exists():
-        text = f"no space left on device ({shutil.disk_usage(path).free / 1e9:.2f} GB free): {text}"
-    return text
+    free = shutil.disk_usage(path if path.exists() else path.parent).free
+    if getattr(exc, "errno", None) == errno.ENOSPC or free < 64 * 2**20:
+        return f"no space left on device ({free / 2**20:.1f} MiB free there): {text}"
+    return f"{text} ({free / 1e9:.1f} GB free there)"
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> Path:

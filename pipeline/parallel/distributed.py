@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ def init_parallel(tensor_parallel: int = 1, timeout_minutes: float = 30.0) -> La
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                                 distributed_timeout_minutes=math.ceil(timeout_minutes))
+                                                 distributed_timeout_minutes=timeout_minutes)
     return launch
 
 
