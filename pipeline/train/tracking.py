@@ -34,6 +34,7 @@ MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_CALL = 100
 MAX_PARAM_CHARS = 6000
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
+LOCAL_STORE = "mlflow.db"  # the store in run_dir when no tracking server is given
 STEP_KEY = "lr"  # logged at every step: its last step in MLflow is the last step MLflow holds
 
 
@@ -51,7 +52,7 @@ class Tracker:
         """`resume_step`: the checkpoint step a resumed job continues from; records past it are dropped."""
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / 'mlflow.db'}"
+        self._uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / LOCAL_STORE}"
         # MLflow's HTTP client retries a failed request for minutes and waits 120 s for an answer by default:
         # one attempt would then hold the backlog (and close()) hostage. The worker retries on its own schedule.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -62,7 +63,8 @@ class Tracker:
         self._queue: queue.SimpleQueue[list[Point] | _Close] = queue.SimpleQueue()
         self._logged = 0  # finite points put on the queue; written by the caller's thread only
         self._result: bool | None = None
-        self._worker = _Worker(self._queue, self.run_dir, self._uri, experiment, run_name, params, queue_size)
+        self._worker = _Worker(self._queue, self.run_dir, self._uri, experiment, run_name, params, queue_size,
+                               resume_step or 0)
         self._thread = threading.Thread(target=self._worker.run, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -94,7 +96,7 @@ class Tracker:
         self._thread.join(timeout + 1.0)  # the worker stops at the deadline; a request still in flight then fails
         with contextlib.suppress(OSError):
             self._jsonl.close()
-        missing = self._logged - self._worker.delivered
+        missing = self._logged + self._worker.backfilled - self._worker.delivered
         self._result = self._worker.finished and missing == 0
         if not self._result:
             unset = "" if self._worker.finished else "; the run status was not set"
@@ -108,12 +110,14 @@ class _Worker:
     main thread only reads `run_id`, `delivered` and `finished`, each written here alone."""
 
     def __init__(self, inbox: queue.SimpleQueue, run_dir: Path, uri: str, experiment: str, run_name: str | None,
-                 params: Mapping[str, Any], capacity: int) -> None:
+                 params: Mapping[str, Any], capacity: int, resume_step: int) -> None:
         self._inbox, self._uri, self._experiment, self._run_name = inbox, uri, experiment, run_name
+        self._resume_step = resume_step
         self._params = {str(key): str(value)[:MAX_PARAM_CHARS] for key, value in params.items()}
         self._run_file = run_dir / "mlflow_run.json"
         self.run_id: str | None = None
         self.delivered = 0
+        self.backfilled = 0  # points of earlier jobs, from metrics.jsonl, that MLflow did not have
         self.finished = False
         self._client: Any = None
         self._ready = False
@@ -183,6 +187,9 @@ class _Worker:
         from mlflow.tracking import MlflowClient
 
         if self._client is None:
+            local = self._run_file.parent / LOCAL_STORE
+            if self._uri == f"sqlite:///{local}":
+                _create_local_store(local)
             self._client = MlflowClient(self._uri)
         if self.run_id is None:
             resumed = self._resume()
@@ -190,6 +197,7 @@ class _Worker:
             if resumed:
                 history = self._client.get_metric_history(resumed, STEP_KEY)
                 self._held_through = max((m.step for m in history), default=-1)
+            self._backfill()
         if self._params_pending:
             self._log_params()
             self._params_pending = False
@@ -214,6 +222,26 @@ class _Worker:
             log.warning("run %s from %s is not at %s: starting a new run", run_id, self._run_file, self._uri)
             return None
         return run_id
+
+    def _backfill(self) -> None:
+        """Queue, ahead of this job's points, those of steps up to the checkpoint that metrics.jsonl holds and
+        MLflow does not: an earlier job died before it delivered them (or before it created the run)."""
+        if self._resume_step <= self._held_through:
+            return
+        points = []
+        with open(self._run_file.parent / "metrics.jsonl", encoding="utf-8") as jsonl:
+            for line in jsonl:
+                record = json.loads(line)
+                step = record.pop("step")
+                if self._held_through < step <= self._resume_step:
+                    stamp = int(record.pop("time") * 1000)
+                    points += [(key, value, stamp, step) for key, value in record.items() if value is not None]
+        if len(points) > (room := self._backlog.maxlen - len(self._backlog)):
+            log.warning("MLflow lacks %d metric points of earlier jobs; sending the newest %d (all are in "
+                        "metrics.jsonl)", len(points), room)
+            points = points[len(points) - room:]
+        self._backlog.extendleft(reversed(points))
+        self.backfilled += len(points)
 
     def _create_run(self) -> str:
         experiment = self._client.get_experiment_by_name(self._experiment)
@@ -269,6 +297,20 @@ class _Worker:
         if self._outage:
             log.info("tracking server at %s reachable again; the backlog has been delivered", self._uri)
         self._outage = False
+
+
+def _create_local_store(path: Path) -> None:
+    """Create the SQLite store under another name and move it into place once MLflow has built its tables:
+    a job killed while MLflow creates them (several transactions) would leave a store it cannot open again."""
+    if path.exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    tmp = path.with_name(f".{path.name}.init")
+    for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+        leftover.unlink(missing_ok=True)
+    MlflowClient(f"sqlite:///{tmp}").search_experiments()  # opening the store creates the tables
+    os.replace(tmp, path)
 
 
 def cut_history(path: Path, step: int) -> None:
