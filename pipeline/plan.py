@@ -71,6 +71,7 @@ class Plan:
     fits: bool
     advice: str
     checkpoint_bytes: int
+    keep_checkpoints: int  # train.keep_checkpoints (0: all)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -156,7 +157,8 @@ def plan_run(
         steps=steps, tokens_per_step=per_step,
         propositions_per_step=train.teacher_micro_batch * train.grad_accum * dp,
         tokens_total={k: steps[k] * per_step[k] for k in steps}, memory=memory, gpu_memory=capacity,
-        fits=fits, advice="", checkpoint_bytes=int(checkpoint), notes=notes,
+        fits=fits, advice="", checkpoint_bytes=int(checkpoint),
+        keep_checkpoints=train.keep_checkpoints, notes=notes,
     )
     if not fits:
         plan.advice = advice(cfg, nodes, gpus_per_node, gpu_memory_gib, device, memory.peak) if advise else \
@@ -246,6 +248,9 @@ def advice(cfg: Config, nodes: int, gpus: int, gib: float, device: str, peak: in
            f"degree with more nodes, or an offloading ds_config (ds_configs/zero3_offload.json)"
 
 
+SAVE_BYTES_PER_S = 1e9  # a modest shared filesystem; each save logs the rate it got
+
+
 def format_plan(plan: Plan) -> str:
     m = plan.memory
 
@@ -274,7 +279,11 @@ def format_plan(plan: Plan) -> str:
                                 f"{gib(m.grad_buckets)}, optimizer step {gib(m.step_buffer)}; largest: {m.largest_transient}"),
         ("  runtime", gib(m.runtime) + (" (CUDA context, NCCL)" if m.runtime else "")),
         ("  peak", f"{gib(m.peak)} of {gib(plan.gpu_memory)}: " + ("fits" if plan.fits else plan.advice)),
-        ("checkpoint", f"{plan.checkpoint_bytes / 1e9:.1f} GB on disk per save"),
+        ("checkpoint", f"{plan.checkpoint_bytes / 1e9:.1f} GB on disk per save, " + (
+            f"{plan.keep_checkpoints * plan.checkpoint_bytes / 1e9:.1f} GB for the {plan.keep_checkpoints} kept"
+            if plan.keep_checkpoints else "all kept") + f" (train.keep_checkpoints); "
+            f"{plan.checkpoint_bytes / SAVE_BYTES_PER_S:.0f} s at 1 GB/s: slurm/train.sh's --signal=B:USR1@SECONDS "
+            f"must cover one step and one save"),
     ]
     width = max(len(key) for key, _ in rows)
     lines = [f"{key:<{width}}  {value}".rstrip() for key, value in rows]
