@@ -1,15 +1,22 @@
-"""Shared fixtures: a one-process parallel state for model tests, and the path to ../shared/data."""
+"""Shared fixtures: a one-process parallel state for model tests, the SLURM clusters, and the data of the
+training tests (prepared once per session from ../shared/data)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from distributed import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (Path(__file__).resolve().parents[2] / "shared" / "data").resolve()
+BOOKS = SHARED_DATA / "lm" / "gutenberg_nltk"
 
 
 @pytest.fixture(scope="session")
@@ -23,19 +30,26 @@ def parallel_1():
     destroy_parallel()
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    """A real single-node SLURM (slurmctld, slurmd, munged) for the session, stopped by PID at the end.
-    Where it cannot start, tests skip with the reason, except in CI (CI=true), which must run them."""
-    from slurm_cluster import SlurmUnavailable, local_slurm
+def started(cluster: Iterator[Any]) -> Iterator[Any]:
+    """Yield the running cluster of a context manager; where it cannot start, skip with the reason, except in
+    CI (CI=true), which must run what needs it."""
+    from slurm_cluster import SlurmUnavailable
 
     try:
-        with local_slurm(tmp_path_factory.mktemp("slurm")) as running:
+        with cluster as running:
             yield running
     except SlurmUnavailable as exc:
         if os.environ.get("CI") == "true":
             raise
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A real single-node SLURM (slurmctld, slurmd, munged) for the session, stopped by PID at the end."""
+    from slurm_cluster import local_slurm
+
+    yield from started(local_slurm(tmp_path_factory.mktemp("slurm")))
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +61,30 @@ def gpt2_tokenizer(tmp_path_factory) -> Path:
     save_gpt2_tokenizer(root / "hf")
     freelm("tokenizer", "import", "--hf", str(root / "hf"), "--out", str(root / "tok"))
     return root / "tok"
+
+
+@pytest.fixture(scope="session")
+def two_nodes(tmp_path_factory):
+    """A real two-node SLURM (node1, node2: network namespaces with a slurmd and an sshd each; slurmctld and
+    munged on the host) for the session, torn down at the end. It runs beside `cluster` without sharing
+    ports, munge sockets or SLURM_CONF."""
+    from two_node_cluster import two_node_slurm
+
+    yield from started(two_node_slurm(tmp_path_factory.mktemp("two-nodes")))
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """Tokenizer, a Gutenberg corpus and TREC + CoLA train propositions, prepared by the CLI. (TREC's six
+    candidates per question give the teacher a base rate a tiny model learns within a short run.)"""
+    root = tmp_path_factory.mktemp("data")
+    books = [str(BOOKS / name) for name in ("austen-persuasion.txt", "chesterton-brown.txt")]
+
+    def freelm(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "pipeline.cli", *args], check=True, capture_output=True, cwd=REPO)
+
+    freelm("tokenizer", "train", "--input", *books, "--vocab-size", "1000", "--out", str(root / "tok"))
+    freelm("data", "corpus", "--input", *books, "--tokenizer", str(root / "tok"), "--out", str(root / "lm"))
+    freelm("data", "tasks", "--config", str(REPO / "recipes" / "tasks.yaml"), "--split", "train", "--only", "trec,cola",
+           "--tokenizer", str(root / "tok"), "--out", str(root / "teacher"), "--max-len", "64")
+    return root

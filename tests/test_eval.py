@@ -16,7 +16,7 @@ import torch
 
 from conftest import SHARED_DATA
 from distributed import free_port, run_ranks
-from test_train import REPO, data, overrides, train_rank  # noqa: F401  (data: a fixture)
+from test_train import REPO, overrides, train_rank
 
 HELDOUT = SHARED_DATA / "lm" / "wikitext-2-tokenized" / "valid.txt"
 TASK_ARGS = ("--only", "sst2,cola,mnli", "--limit", "40")
@@ -24,7 +24,7 @@ GRID_ARGS = (*TASK_ARGS, "--heldout", str(HELDOUT), "--batch-tokens", "512")
 
 
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory) -> Path:  # noqa: F811
+def runs(data, tmp_path_factory) -> Path:
     """The same 6 training steps at TP=1 (one process) and TP=2 (two processes)."""
     root = tmp_path_factory.mktemp("runs")
     run_ranks(train_rank, 1, overrides(data, root / "tp1", **{"train.steps": 6}))
@@ -140,7 +140,7 @@ def reference_scores(model, tokenizer, props, max_len: int) -> tuple[np.ndarray,
     return np.array(p_true), np.array(lm)
 
 
-def test_tail_only_scoring_equals_the_full_logits_definition(data, parallel_1):  # noqa: F811
+def test_tail_only_scoring_equals_the_full_logits_definition(data, parallel_1):
     """A small random-weights model (vocab 1000, padded to 1024) on CPU: batched tail-only scores equal the
     one-at-a-time full-logits definitions, and so does the perplexity of held-out windows."""
     from pipeline.data.tasks import SplitStats, iter_propositions, load_tasks

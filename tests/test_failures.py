@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from distributed import start_cli_ranks
-from test_train import REPO, data, metrics, overrides, wait_for_lines  # noqa: F401  (data: a fixture)
+from test_train import REPO, metrics, overrides, wait_for_lines
 
 
 def train_ranks(args: list[str], world_size: int = 2, timeout: float = 300) -> tuple[list[int], list[str]]:
@@ -28,7 +28,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss/language"] for row in metrics(run_dir) if "loss/language" in row}
 
 
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(data, tmp_path):  # noqa: F811
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(data, tmp_path):
     run = tmp_path / "run"
     args = {"train.save_every": 2, "train.keep_checkpoints": 0}
     codes, errors = train_ranks(overrides(data, run, **{"train.steps": 6}, **args))
@@ -74,7 +74,7 @@ def small_filesystem(path: Path, size_bytes: int):
         subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
-def test_a_full_disk_during_a_save_names_the_path_and_keeps_the_previous_checkpoint(data, tmp_path):  # noqa: F811
+def test_a_full_disk_during_a_save_names_the_path_and_keeps_the_previous_checkpoint(data, tmp_path):
     run, probe = tmp_path / "run", tmp_path / "probe"
     codes, errors = train_ranks(overrides(data, probe, **{"train.steps": 1, "tracking.enabled": False}))
     assert codes == [0, 0], errors[0][-3000:]
@@ -99,7 +99,7 @@ def test_a_full_disk_during_a_save_names_the_path_and_keeps_the_previous_checkpo
     assert "resuming at step 2" in errors[0] and (run / "checkpoints" / "latest").read_text() == "step_00000006"
 
 
-def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout_naming_rank_and_phase(data, tmp_path):  # noqa: F811
+def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout_naming_rank_and_phase(data, tmp_path):
     args = overrides(data, tmp_path, **{"train.steps": 200, "parallel.timeout_minutes": 0.25})
     procs = start_cli_ranks(["train", *args], 2, REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

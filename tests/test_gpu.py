@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from distributed import free_port, run_ranks
-from test_train import REPO, data, metrics, overrides  # noqa: F401  (data is a fixture)
+from test_train import REPO, metrics, overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -49,7 +49,7 @@ def losses(rows: list[dict]) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def bf16_run(data, tmp_path_factory) -> Path:  # noqa: F811
+def bf16_run(data, tmp_path_factory) -> Path:
     """A tiny FreeLM trained 8 steps, bf16 ZeRO-3 on one GPU under the deepspeed launcher."""
     run = tmp_path_factory.mktemp("bf16") / "run"
     log = freelm("train", *overrides(data, run, **{"train.steps": 8, "train.ds_config": BF16}), launcher=True)
@@ -67,7 +67,7 @@ def test_bf16_zero3_trains_on_the_gpu(bf16_run):
     assert rows[-1]["train/skipped_steps"] == 0
 
 
-def test_fp16_zero3_trains_with_dynamic_loss_scaling(data, tmp_path):  # noqa: F811
+def test_fp16_zero3_trains_with_dynamic_loss_scaling(data, tmp_path):
     log = freelm("train", *overrides(data, tmp_path, **{"train.steps": 8, "train.ds_config": FP16}), launcher=True)
     assert "precision fp16" in log
     rows = metrics(tmp_path)
@@ -90,7 +90,7 @@ def profile_rank(args: list[str], out: str) -> None:
     Path(out).write_text(json.dumps(sorted({event.key for event in prof.key_averages()})))
 
 
-def test_flash_attention_serves_the_models_attention_in_bf16_training(data, tmp_path, monkeypatch):  # noqa: F811
+def test_flash_attention_serves_the_models_attention_in_bf16_training(data, tmp_path, monkeypatch):
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     args = overrides(data, tmp_path / "run", **{"train.steps": 2, "train.ds_config": BF16})
     run_ranks(profile_rank, 1, args, str(tmp_path / "events.json"))

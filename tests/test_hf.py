@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from distributed import run_ranks
-from test_train import REPO, data, metrics, overrides, train_rank  # noqa: F401  (data: a fixture)
+from test_train import REPO, metrics, overrides, train_rank
 
 ZERO3 = REPO / "ds_configs" / "zero3.json"
 VOCAB = 1000
@@ -65,7 +65,7 @@ def safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("preset, architecture", [("tiny", "GPT2LMHeadModel"), ("tiny-modern", "LlamaForCausalLM")])
-def test_export_reloads_in_transformers_with_equal_logits(data, tmp_path, preset, architecture):  # noqa: F811
+def test_export_reloads_in_transformers_with_equal_logits(data, tmp_path, preset, architecture):
     from pipeline.hf.export import export_hf
 
     run_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
@@ -102,7 +102,7 @@ def test_export_reloads_in_transformers_with_equal_logits(data, tmp_path, preset
         assert torch.equal(split(tokens).logits, single(tokens).logits)
 
 
-def test_partition_reader_equals_deepspeed_zero_to_fp32(data, tmp_path):  # noqa: F811
+def test_partition_reader_equals_deepspeed_zero_to_fp32(data, tmp_path):
     """ZeRO-3 over DP=2 x TP=2, ZeRO-1 over DP=2 x TP=2 and ZeRO-2 over DP=2 (fp32): every TP rank's merged
     weights equal DeepSpeed's reference consolidation of that rank's files, bit for bit."""
     import contextlib
@@ -196,7 +196,7 @@ def import_rank(hf_dir: str, ds_config_file: str, out: str) -> None:
     destroy_parallel()
 
 
-def test_import_gpt2_into_tp_zero3_and_train(data, tmp_path):  # noqa: F811
+def test_import_gpt2_into_tp_zero3_and_train(data, tmp_path):
     from safetensors import safe_open
 
     hf_dir = tmp_path / "gpt2"

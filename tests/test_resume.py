@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from distributed import run_ranks, start_cli_ranks
-from test_train import REPO, data, metrics, overrides, train_rank, wait_for_lines  # noqa: F401  (data: a fixture)
+from test_train import REPO, metrics, overrides, train_rank, wait_for_lines
 
 
 def mlflow_steps(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -21,7 +21,7 @@ def mlflow_steps(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in history)
 
 
-def test_a_job_resumed_after_a_lost_segment_logs_every_step_once(data, tmp_path):  # noqa: F811
+def test_a_job_resumed_after_a_lost_segment_logs_every_step_once(data, tmp_path):
     run_dir = tmp_path / "run"
     args = {"train.save_every": 2, "train.keep_checkpoints": 0}
     run_ranks(train_rank, 2, overrides(data, run_dir, **{"train.steps": 6}, **args))
@@ -40,7 +40,7 @@ def test_a_job_resumed_after_a_lost_segment_logs_every_step_once(data, tmp_path)
         assert steps == sorted(set(steps)) and set(steps) == {r["step"] for r in rows if key in r}
 
 
-def test_retention_keeps_the_newest_and_every_kth_checkpoint(data, tmp_path):  # noqa: F811
+def test_retention_keeps_the_newest_and_every_kth_checkpoint(data, tmp_path):
     run_dir = tmp_path / "run"
     run_ranks(train_rank, 1, overrides(data, run_dir, **{"train.steps": 6, "train.save_every": 1,
                                                          "train.keep_checkpoints": 2, "train.keep_every": 4}))
@@ -49,7 +49,7 @@ def test_retention_keeps_the_newest_and_every_kth_checkpoint(data, tmp_path):  #
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
 
 
-def test_the_trainers_own_state_loads_without_unpickling_objects(data, tmp_path):  # noqa: F811
+def test_the_trainers_own_state_loads_without_unpickling_objects(data, tmp_path):
     import torch
 
     from pipeline.checkpoint.consolidate import load_checkpoint_file
@@ -63,7 +63,7 @@ def test_the_trainers_own_state_loads_without_unpickling_objects(data, tmp_path)
     assert trainer["step"] == 2 and set(trainer["streams"]) == {"language", "teacher"}
 
 
-def test_sigterm_to_every_process_with_loader_workers_checkpoints_on_every_rank(data, tmp_path):  # noqa: F811
+def test_sigterm_to_every_process_with_loader_workers_checkpoints_on_every_rank(data, tmp_path):
     """What slurmstepd does on scancel or preemption: SIGTERM to every process of the step, loader workers
     included. Two ranks started as srun starts them (one process each), two workers per stream."""
     args = overrides(data, tmp_path, **{"train.steps": 60, "train.save_every": 1000, "data.num_workers": 2})

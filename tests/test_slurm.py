@@ -1,19 +1,14 @@
 """`sbatch slurm/train.sh` for real, on a single-node SLURM started by the test session: a 2-task job trains
-to completion; a job signalled before its time limit checkpoints, requeues itself and finishes the run; a rank
-killed mid-run is restarted from the checkpoint by the script; a config error is not retried."""
+to completion; a job signalled before its time limit checkpoints, requeues itself and finishes the run; a config
+error is not retried. (A killed rank, restarted by the script: tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
-import pytest
-
 from slurm_cluster import SlurmCluster
-from test_resume import mlflow_steps
-from test_train import REPO, data, metrics, overrides, series, wait_for_lines  # noqa: F401  (data: a fixture)
+from test_train import REPO, metrics, overrides, series, wait_for_lines
 
 TRAIN_SH = REPO / "slurm" / "train.sh"
 
@@ -24,7 +19,7 @@ def resources(log: Path, *extra: str) -> list[str]:
             "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10:00", *extra]
 
 
-def submit(cluster: SlurmCluster, data: Path, run: Path, steps: int, wait: bool, *sbatch: str,  # noqa: F811
+def submit(cluster: SlurmCluster, data: Path, run: Path, steps: int, wait: bool, *sbatch: str,
            **extra) -> int:
     """The template as users submit it: a recipe and overrides."""
     args = ["recipes/tiny.yaml", *overrides(data, run, **{"train.steps": steps, **extra})]
@@ -36,14 +31,9 @@ def job_log(run: Path, job: int) -> str:
     return (run.parent / f"{run.name}-{job}.log").read_text()
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(cluster, data, tmp_path_factory) -> tuple[Path, int]:  # noqa: F811
-    run = tmp_path_factory.mktemp("uninterrupted") / "run"
-    return run, submit(cluster, data, run, 20, True, **{"train.save_every": 5})
-
-
-def test_sbatch_train_completes(cluster, uninterrupted):
-    run, job = uninterrupted
+def test_sbatch_train_completes(cluster, data, tmp_path):
+    run = tmp_path / "run"
+    job = submit(cluster, data, run, steps=20, wait=True)
     assert cluster.job_state(job) == "COMPLETED", job_log(run, job)[-3000:]
     assert "grid: world 2 = TP 1 x DP 2" in job_log(run, job)
     rows = metrics(run)
@@ -54,41 +44,7 @@ def test_sbatch_train_completes(cluster, uninterrupted):
     assert (run / "mlflow.db").exists()
 
 
-def rank_pid(run: Path, rank: int) -> int:
-    """The PID of the training task with SLURM_PROCID=`rank` whose command line names `run`."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"train.run_dir={run}".encode() in cmdline and f"SLURM_PROCID={rank}".encode() in environ:
-            return int(pid)
-    raise AssertionError(f"no rank {rank} of {run} is running")
-
-
-def test_a_killed_rank_is_restarted_from_the_checkpoint_and_the_job_completes(cluster, data, uninterrupted,  # noqa: F811
-                                                                               tmp_path):
-    run = tmp_path / "run"
-    job = submit(cluster, data, run, 20, False, "--export=ALL,FREELM_RESTART_DELAY=1", **{"train.save_every": 5})
-    cluster.wait_state(job, {"RUNNING"}, timeout=120)
-    wait_for_lines(run / "metrics.jsonl", 12, None, timeout=300)
-    os.kill(rank_pid(run, 1), signal.SIGKILL)
-    cluster.wait_state(job, {"COMPLETED"}, timeout=400)
-    log = job_log(run, job)
-    assert log.count("restart 1 of 3 in 1 s, from the latest complete checkpoint") == 1 and "restart 2" not in log
-    assert "resuming at step 10" in log
-    assert cluster.job_field(job, "Restarts") == "0"  # the script restarted the step; SLURM did not requeue
-    rows, reference = metrics(run), metrics(uninterrupted[0])
-    assert [r["step"] for r in rows] == list(range(1, 21))  # steps 11-12+ trained twice, logged once
-    assert series(rows, "loss/language") == series(reference, "loss/language")  # fp32 on CPU: exact
-    assert series(rows, "loss/teacher") == series(reference, "loss/teacher")
-    for key in ("loss/language", "loss/teacher", "lr"):
-        steps = [step for step, _ in mlflow_steps(run, key)]
-        assert steps == sorted({r["step"] for r in rows if key in r})
-
-
-def test_a_config_error_is_not_retried(cluster, data, tmp_path):  # noqa: F811
+def test_a_config_error_is_not_retried(cluster, data, tmp_path):
     """Overrides without a recipe take the default recipe (here FREELM_RECIPE); a bad value fails once."""
     run = tmp_path / "run"
     options = resources(tmp_path / "job-%j.log", "--export=ALL,FREELM_RESTART_DELAY=1,FREELM_RECIPE=recipes/tiny.yaml")
@@ -100,7 +56,7 @@ def test_a_config_error_is_not_retried(cluster, data, tmp_path):  # noqa: F811
     assert "exit code 2 (a config, data or checkpoint error): not retried" in log
 
 
-def test_preempted_job_checkpoints_requeues_and_finishes(cluster, data, tmp_path):  # noqa: F811
+def test_preempted_job_checkpoints_requeues_and_finishes(cluster, data, tmp_path):
     run = tmp_path / "run"
     job = submit(cluster, data, run, steps=40, wait=False)
     cluster.wait_state(job, {"RUNNING"}, timeout=120)

@@ -14,29 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import REPO
 from distributed import free_port, run_ranks
 from mlflow_server import MlflowServer
 
-REPO = Path(__file__).resolve().parents[1]
-BOOKS = SHARED_DATA / "lm" / "gutenberg_nltk"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """Tokenizer, a Gutenberg corpus and TREC + CoLA train propositions, prepared by the CLI. (TREC's six
-    candidates per question give the teacher a base rate a tiny model learns within a short run.)"""
-    root = tmp_path_factory.mktemp("data")
-    books = [str(BOOKS / name) for name in ("austen-persuasion.txt", "chesterton-brown.txt")]
-
-    def freelm(*args: str) -> None:
-        subprocess.run([sys.executable, "-m", "pipeline.cli", *args], check=True, capture_output=True, cwd=REPO)
-
-    freelm("tokenizer", "train", "--input", *books, "--vocab-size", "1000", "--out", str(root / "tok"))
-    freelm("data", "corpus", "--input", *books, "--tokenizer", str(root / "tok"), "--out", str(root / "lm"))
-    freelm("data", "tasks", "--config", str(REPO / "recipes" / "tasks.yaml"), "--split", "train", "--only", "trec,cola",
-           "--tokenizer", str(root / "tok"), "--out", str(root / "teacher"), "--max-len", "64")
-    return root
 
 
 def overrides(data: Path, run_dir: Path, **extra) -> list[str]:
