@@ -135,12 +135,23 @@ def test_partition_reader_equals_deepspeed_zero_to_fp32(data, tmp_path):
                 assert torch.equal(ours[key], tensor), f"{name} TP rank {tp_rank}: {key}"
                 assert not ours[key].requires_grad  # no autograd link back to the mapped files
 
-    # An incomplete checkpoint is one line naming what is missing.
-    (tmp_path / "zero3" / "checkpoints" / "step_00000002" / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "export-hf", "--checkpoint", str(tmp_path / "zero3"),
-                          "--out", str(tmp_path / "hf")], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
-        f"freelm: data error: {tmp_path / 'zero3' / 'checkpoints' / 'step_00000002'}: TP rank 1 was partitioned over "
+    # An incomplete checkpoint is one line naming what is missing: from its manifest, or without one (a
+    # checkpoint saved by other tools) from the partition files found.
+    step = tmp_path / "zero3" / "checkpoints" / "step_00000002"
+    (step / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()
+
+    def export_error() -> str:
+        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "export-hf", "--checkpoint",
+                              str(tmp_path / "zero3"), "--out", str(tmp_path / "hf")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2
+        return out.stderr.strip().splitlines()[-1]
+
+    assert export_error() == (f"freelm: data error: checkpoint {step} is damaged: "
+                              f"{step / 'zero_pp_rank_1_mp_rank_01_optim_states.pt'} is missing")
+    (step / "manifest.json").unlink()
+    assert export_error() == (
+        f"freelm: data error: {step}: TP rank 1 was partitioned over "
         "2 data-parallel ranks; the partition files of DP ranks [1] are missing or extra")
 
 

@@ -1,10 +1,11 @@
 """`sbatch slurm/train.sh` for real, on a single-node SLURM started by the test session: a 2-task job trains
-to completion; a job signalled before its time limit checkpoints, requeues itself and finishes the run; a config
-error is not retried. (A killed rank, restarted by the script: tests/test_multinode.py.)"""
+to completion; a job signalled before its time limit checkpoints, requeues itself and finishes the run (also
+when the save would outlast the limit); a config error is not retried. (A killed rank, restarted by the script: tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from slurm_cluster import SlurmCluster
@@ -68,3 +69,20 @@ def test_preempted_job_checkpoints_requeues_and_finishes(cluster, data, tmp_path
     assert cluster.job_field(job, "Restarts") == "1"
     assert [r["step"] for r in metrics(run)] == list(range(1, 41))  # no step twice, none skipped
     assert (run / "checkpoints" / "latest").read_text() == "step_00000040"
+
+
+def test_a_save_that_would_outlast_the_limit_still_requeues(cluster, data, tmp_path):
+    """With no time left for a save (FREELM_REQUEUE_SLACK above the time left), the script requeues at once,
+    without waiting for the trainer: the job resumes from whichever checkpoint is complete, every step once."""
+    run = tmp_path / "run"
+    job = submit(cluster, data, run, 40, False, "--export=ALL,FREELM_REQUEUE_SLACK=100000",
+                 **{"train.save_every": 5})
+    cluster.wait_state(job, {"RUNNING"}, timeout=120)
+    wait_for_lines(run / "metrics.jsonl", 12, None, timeout=180)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    cluster.wait_state(job, {"COMPLETED"}, timeout=400)
+    log = job_log(run, job)
+    assert "the checkpoint did not finish 100000 s before the limit; requeueing anyway" in log
+    assert int(re.search(r"\(resuming at step (\d+)\)", log).group(1)) >= 10
+    assert cluster.job_field(job, "Restarts") == "1"
+    assert [r["step"] for r in metrics(run)] == list(range(1, 41))

@@ -149,3 +149,19 @@ def test_unreachable_server_never_blocks(tmp_path, caplog):
     assert sum(" unreachable (" in m for m in warnings) == 1
     assert sum("backlog is full" in m for m in warnings) == 1
     assert "10 of 10 metric points" in warnings[-1]
+
+
+def test_a_resumed_job_sends_what_an_earlier_job_never_delivered(server, tmp_path):
+    """The first job's server was down: it created no run and delivered nothing. The job that resumes from
+    its checkpoint at step 5 sends steps 0-5 from metrics.jsonl (6-9 were trained again), each once."""
+    run_dir = tmp_path / "run"
+    first = make_tracker(run_dir, f"http://127.0.0.1:{free_port()}")
+    log_steps(first, range(10))
+    assert first.close(timeout=1) is False and first.run_id is None
+    second = make_tracker(run_dir, server.uri, resume_step=5)
+    log_steps(second, range(6, 12))
+    assert second.close()
+    client = MlflowClient(server.uri)
+    assert steps_of(client, second.run_id, "loss/language") == list(range(0, 12, 2))
+    assert steps_of(client, second.run_id, "loss/teacher") == list(range(1, 12, 2))
+    assert [row["step"] for row in jsonl(run_dir)] == list(range(12))

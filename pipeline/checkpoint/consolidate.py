@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pipeline.checkpoint.io import damage, latest_tag
+from pipeline.checkpoint.io import MANIFEST, damage, latest_tag
 from pipeline.errors import DataError
 from pipeline.model.config import ModelConfig
 from pipeline.parallel.ds_config import precision
@@ -40,7 +40,7 @@ def resolve_tag(ckpt_dir: str | Path, tag: str | None = None) -> tuple[Path, str
     tag = tag or latest_tag(ckpt_dir)
     if tag is None or not (ckpt_dir / tag).is_dir():
         raise DataError(f"{ckpt_dir}: no checkpoint {tag or '(no latest file)'}")
-    if problem := damage(ckpt_dir / tag):
+    if (ckpt_dir / tag / MANIFEST).exists() and (problem := damage(ckpt_dir / tag)):  # none: saved elsewhere
         raise DataError(f"checkpoint {ckpt_dir / tag} is damaged: {problem}")
     return ckpt_dir, tag
 

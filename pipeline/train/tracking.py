@@ -57,14 +57,16 @@ class Tracker:
         # one attempt would then hold the backlog (and close()) hostage. The worker retries on its own schedule.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        history = self.run_dir / "metrics.jsonl"
         if resume_step is not None:
-            cut_history(self.run_dir / "metrics.jsonl", resume_step)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            cut_history(history, resume_step)
+        earlier = history.stat().st_size if resume_step and history.exists() else 0  # what earlier jobs logged
+        self._jsonl = open(history, "a", encoding="utf-8")
         self._queue: queue.SimpleQueue[list[Point] | _Close] = queue.SimpleQueue()
         self._logged = 0  # finite points put on the queue; written by the caller's thread only
         self._result: bool | None = None
         self._worker = _Worker(self._queue, self.run_dir, self._uri, experiment, run_name, params, queue_size,
-                               resume_step or 0)
+                               earlier)
         self._thread = threading.Thread(target=self._worker.run, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -110,9 +112,9 @@ class _Worker:
     main thread only reads `run_id`, `delivered` and `finished`, each written here alone."""
 
     def __init__(self, inbox: queue.SimpleQueue, run_dir: Path, uri: str, experiment: str, run_name: str | None,
-                 params: Mapping[str, Any], capacity: int, resume_step: int) -> None:
+                 params: Mapping[str, Any], capacity: int, earlier_bytes: int) -> None:
         self._inbox, self._uri, self._experiment, self._run_name = inbox, uri, experiment, run_name
-        self._resume_step = resume_step
+        self._earlier_bytes = earlier_bytes  # metrics.jsonl's head, written by earlier jobs of this run
         self._params = {str(key): str(value)[:MAX_PARAM_CHARS] for key, value in params.items()}
         self._run_file = run_dir / "mlflow_run.json"
         self.run_id: str | None = None
@@ -224,18 +226,18 @@ class _Worker:
         return run_id
 
     def _backfill(self) -> None:
-        """Queue, ahead of this job's points, those of steps up to the checkpoint that metrics.jsonl holds and
-        MLflow does not: an earlier job died before it delivered them (or before it created the run)."""
-        if self._resume_step <= self._held_through:
+        """Queue, ahead of this job's points, those of earlier jobs that metrics.jsonl holds and MLflow does
+        not: an earlier job died before it delivered them (or before it created the run)."""
+        if not self._earlier_bytes:
             return
+        with open(self._run_file.parent / "metrics.jsonl", "rb") as jsonl:
+            lines = jsonl.read(self._earlier_bytes).decode("utf-8").splitlines()
         points = []
-        with open(self._run_file.parent / "metrics.jsonl", encoding="utf-8") as jsonl:
-            for line in jsonl:
-                record = json.loads(line)
-                step = record.pop("step")
-                if self._held_through < step <= self._resume_step:
-                    stamp = int(record.pop("time") * 1000)
-                    points += [(key, value, stamp, step) for key, value in record.items() if value is not None]
+        for record in map(json.loads, lines):
+            step = record.pop("step")
+            if step > self._held_through:
+                stamp = int(record.pop("time") * 1000)
+                points += [(key, value, stamp, step) for key, value in record.items() if value is not None]
         if len(points) > (room := self._backlog.maxlen - len(self._backlog)):
             log.warning("MLflow lacks %d metric points of earlier jobs; sending the newest %d (all are in "
                         "metrics.jsonl)", len(points), room)
