@@ -107,7 +107,8 @@ def evaluate(args: argparse.Namespace) -> None:
     from pipeline.eval.run import evaluate_run
 
     only = args.only.split(",") if args.only else None
-    run = evaluate_run(args.checkpoint, args.tasks, args.split, only, args.limit, args.heldout, args.batch_tokens)
+    run = evaluate_run(args.checkpoint, args.tasks, args.split, only, args.limit, args.heldout, args.batch_tokens,
+                       args.seed)
     if not run.main:
         return
     print(format_table(run.tasks))
@@ -207,7 +208,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", required=True, help="tasks YAML, e.g. recipes/tasks.yaml")
     ev.add_argument("--split", default="dev")
     ev.add_argument("--only", default=None, help="comma-separated task names")
-    ev.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="a random sample of this many examples per task (those with more)")
+    ev.add_argument("--seed", type=int, default=0, help="the seed of the --limit sample (default 0)")
     ev.add_argument("--heldout", default=None, help="a text file for perplexity")
     ev.add_argument("--json", default=None, help="also write the results here")
     ev.add_argument("--mlflow", action="store_true", help="also log the results to the training run's MLflow run")

@@ -51,13 +51,29 @@ def freelm_eval(run_dir: Path, out: Path, *extra: str, nprocs: int = 1) -> dict:
 
 
 def test_eval_reports_tasks_with_baselines(runs, tmp_path):
+    """A 40-example seeded sample per task; each baseline and interval recomputed from the same selection."""
+    from dataclasses import asdict
+
+    from pipeline.data.tasks import load_tasks
+    from pipeline.eval.metrics import wilson
+
     one = freelm_eval(runs / "tp1", tmp_path / "tp1.json", *TASK_ARGS, "--mlflow", "--heldout", str(HELDOUT))
     tasks = {row["task"]: row for row in one["tasks"]}
-    assert list(tasks) == ["sst2", "cola", "mnli"] and all(row["n"] == 40 for row in tasks.values())
-    for row in tasks.values():
-        assert all(0.0 <= row[key] <= 1.0 for key in ("accuracy", "majority", "lm_only"))
-    assert tasks["cola"]["f1"] is not None and tasks["cola"]["mcc"] is not None and tasks["mnli"]["f1"] is None
-    assert tasks["sst2"]["majority"] >= 0.5 and tasks["mnli"]["majority"] >= 1 / 3
+    assert list(tasks) == ["sst2", "cola", "mnli"]
+    assert [(r["n"], r["of"], r["seed"]) for r in tasks.values()] == [(40, 872, 0), (40, 1043, 0), (40, 9815, 0)]
+    assert [(r["majority_label"], r["majority_from"], r["positive"]) for r in tasks.values()] == [
+        ("positive", "train", "positive"), ("acceptable", "train", "acceptable"), ("entailment", "dev", None)]
+    assert tasks["mnli"]["f1"] is None and tasks["mnli"]["mcc"] is None
+    specs = load_tasks(REPO / "recipes" / "tasks.yaml", list(tasks))
+    for name, row in tasks.items():
+        spec = specs[name]
+        base = sum(group[0].gold == row["majority_label"] for group in chosen(spec, 40, 0).groups)
+        assert row["majority"] == base / 40 and row["majority_ci"] == asdict(wilson(base, 40))
+        for key in ("accuracy", "lm_only"):
+            assert row[f"{key}_ci"] == asdict(wilson(round(row[key] * 40), 40))
+        assert (row["f1"] is None) == (row["mcc"] is None) == (spec.positive is None)
+    assert "n/of: a random sample of the split's examples (--limit), seed 0" in one["stdout"]
+    assert "*: no train split" in one["stdout"] and "entailment (dev)*" in one["stdout"]
     assert 1.0 < one["perplexity"] < 2000 and math.isfinite(one["perplexity"])
     assert "world 1 = TP 1 x DP 1 (checkpoint TP 1); cpu, float32" in one["stdout"]
     from mlflow.tracking import MlflowClient
@@ -65,6 +81,7 @@ def test_eval_reports_tasks_with_baselines(runs, tmp_path):
     saved = json.loads((runs / "tp1" / "mlflow_run.json").read_text())
     logged = MlflowClient(saved["tracking_uri"]).get_run(saved["run_id"]).data.metrics
     assert logged["eval/dev/cola/accuracy"] == tasks["cola"]["accuracy"] and "eval/dev/perplexity" in logged
+    assert logged["eval/dev/sst2/majority_ci_high"] == tasks["sst2"]["majority_ci"]["high"]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +91,8 @@ def tp2_one(runs, tmp_path_factory) -> dict:
 
 
 def assert_same_numbers(grid: dict, one: dict) -> None:
-    keys = ("task", "n", "accuracy", "lm_only", "majority", "f1", "mcc")
-    assert [[row[k] for k in keys] for row in grid["tasks"]] == [[row[k] for k in keys] for row in one["tasks"]]
+    """Every task's row alike: the same sample on every rank, the same scores."""
+    assert grid["tasks"] == one["tasks"]
     assert grid["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
 
 
@@ -193,3 +210,147 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_one_data_error(parallel_1, 
     place_parameters(model, dict(full), torch.device("cpu"), torch.float32, tmp_path / "step_9")
     assert model.lm_head.weight is model.embed.weight and model.blocks[0].attn.qkv.weight.tensor_model_parallel
     assert torch.equal(model.embed.weight, full["embed.weight"])
+
+
+TOY_YAML = """\
+data_root: .
+tasks:
+  toy:
+    format: tsv
+    files: {train: train.tsv, dev: dev.tsv}
+    fields: [text, label]
+    input: "{text}"
+    label: label
+    labels: {"0": "no", "1": "yes"}
+    positive: "no"
+    propositions: {"no": "Here, no.", "yes": "Here, yes."}
+  dev_only:
+    format: tsv
+    files: {dev: dev.tsv}
+    fields: [text, label]
+    input: "{text}"
+    label: label
+    labels: {"0": "no", "1": "yes"}
+    propositions: {"no": "Here, no.", "yes": "Here, yes."}
+"""
+
+
+def toy_tasks(root: Path, train: str, dev: str) -> dict:
+    """The two TOY_YAML tasks over TSV files whose labels are the characters of `train` and `dev`."""
+    from pipeline.data.tasks import load_tasks
+
+    for name, labels in (("train", train), ("dev", dev)):
+        rows = "".join(f"example {i}\t{label}\n" for i, label in enumerate(labels))
+        (root / f"{name}.tsv").write_text(f"text\tlabel\n{rows}")
+    (root / "tasks.yaml").write_text(TOY_YAML)
+    return load_tasks(root / "tasks.yaml")
+
+
+def chosen(spec, limit: int | None, seed: int):
+    """What `freelm eval --limit limit --seed seed` evaluates of the task's dev split."""
+    from pipeline.data.tasks import SplitStats, iter_propositions
+    from pipeline.eval.run import examples
+    from pipeline.eval.selection import select
+
+    return select(spec, "dev", examples(iter_propositions(spec, "dev", SplitStats(), all_candidates=True)), limit, seed)
+
+
+def test_wilson_interval_and_f1_mcc_against_hand_computed_values():
+    """Wilson, z = 1.96: 8/10 -> centre (0.8 + 0.19208) / 1.38415 = 0.71674, half 1.96 * sqrt(0.016 + 0.009604)
+    / 1.38415 = 0.22658; 0/5 -> centre = half = 0.38415 / 1.76829 = 0.21724. F1 and MCC of a 10-example
+    confusion (tp 2, fn 1, fp 1, tn 6 for class 1): F1 4/6 of class 1, 12/14 of class 0; MCC 11/21 either way."""
+    from pipeline.eval.metrics import Interval, binary_f1_mcc, wilson
+
+    assert wilson(8, 10) == Interval(pytest.approx(0.49016, abs=1e-5), pytest.approx(0.94332, abs=1e-5))
+    assert wilson(0, 5) == Interval(0.0, pytest.approx(0.43448, abs=1e-5))
+    assert wilson(5, 5) == Interval(pytest.approx(0.56552, abs=1e-5), 1.0)
+    with pytest.raises(ValueError):
+        wilson(0, 0)
+    gold = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    pred = np.array([1, 1, 0, 1, 0, 0, 0, 0, 0, 0])
+    assert binary_f1_mcc(gold, pred, positive=1) == (pytest.approx(4 / 6), pytest.approx(11 / 21))
+    assert binary_f1_mcc(gold, pred, positive=0) == (pytest.approx(12 / 14), pytest.approx(11 / 21))
+    assert binary_f1_mcc(gold, np.zeros(10, dtype=int), positive=1) == (0.0, 0.0)  # MCC undefined: 0
+
+
+def test_positive_class_is_declared_or_defaulted_and_checked(tmp_path):
+    """recipes/tasks.yaml names each two-label task's positive class; undeclared, it is the label of raw value
+    "1", else the second declared, or a threshold's at_or_above; a wrong declaration is a ConfigError."""
+    from pipeline.data.tasks import load_tasks
+    from pipeline.errors import ConfigError
+
+    recipes = {name: spec.positive for name, spec in load_tasks(REPO / "recipes" / "tasks.yaml").items()}
+    assert recipes == {"sst2": "positive", "cola": "acceptable", "mrpc": "equivalent", "stsb": "similar",
+                       "rte": "entailment", "wnli": "entailment", "mnli": None, "qnli": "entailment",
+                       "qqp": "duplicate", "trec": None, "ag_news": None, "movie_reviews": "positive"}
+    base = 'format: jsonl, files: {dev: d.jsonl}, fields: [t, s], input: "{t}", label: s'
+    decls = {
+        "by_value": 'labels: {"1": "yes", "0": "no"}, propositions: {"yes": "Y", "no": "N"}',
+        "second": 'labels: {"a": "a", "b": "b"}, propositions: {"a": "A", "b": "B"}',
+        "threshold": 'threshold: {value: 1, at_or_above: hi, below: lo}, propositions: {"hi": "H", "lo": "L"}',
+        "three": 'labels: {"a": "a", "b": "b", "c": "c"}, propositions: {"a": "A", "b": "B", "c": "C"}',
+    }
+    (tmp_path / "tasks.yaml").write_text("tasks:\n" + "".join(f"  {k}: {{{base}, {v}}}\n" for k, v in decls.items()))
+    assert {k: v.positive for k, v in load_tasks(tmp_path / "tasks.yaml").items()} == {
+        "by_value": "yes", "second": "b", "threshold": "hi", "three": None}
+    wrong = {decls["second"] + ", positive: c": r"tasks\.t\.positive: 'c' is not a label name; labels: a, b",
+             decls["three"] + ", positive: a": r"tasks\.t\.positive: only for tasks with two labels; this one has 3"}
+    for decl, error in wrong.items():
+        (tmp_path / "tasks.yaml").write_text(f"tasks:\n  t: {{{base}, {decl}}}\n")
+        with pytest.raises(ConfigError, match=error):
+            load_tasks(tmp_path / "tasks.yaml")
+
+
+def test_majority_from_train_f1_of_the_declared_positive_and_intervals(tmp_path):
+    """Train 6 no / 4 yes, dev 3 no / 7 yes: the baseline answers "no" (train's majority), right on 3/10 of
+    dev, not dev's own 7/10; a task without train falls back to dev's majority, flagged. The teacher gets 8/10
+    (two "yes" taken for "no"): F1 of the declared positive "no" 6/8 (tp 3, fp 2, fn 0, tn 5), MCC
+    15/sqrt(5*3*7*5); the LM-only score always answers "yes": 7/10."""
+    from pipeline.eval.metrics import task_result, wilson
+    from pipeline.eval.report import format_table, write_json
+
+    specs = toy_tasks(tmp_path, train="0001011010", dev="0001111111")
+    pred = [0, 0, 0, 1, 1, 1, 1, 1, 0, 0]
+    p_true = np.array([[1.0 - y, float(y)] for y in pred]).ravel()
+    lm = np.tile([0.0, 1.0], 10)
+    results = [task_result(spec, chosen(spec, None, 0), p_true, lm) for spec in specs.values()]
+    toy, dev_only = results
+    assert (toy.n, toy.of, toy.seed, toy.positive, toy.majority_label, toy.majority_from) == (
+        10, 10, None, "no", "no", "train")
+    assert (toy.accuracy, toy.lm_only, toy.majority) == (0.8, 0.7, 0.3)
+    assert (toy.accuracy_ci, toy.lm_only_ci, toy.majority_ci) == (wilson(8, 10), wilson(7, 10), wilson(3, 10))
+    assert toy.f1 == pytest.approx(6 / 8) and toy.mcc == pytest.approx(15 / math.sqrt(5 * 3 * 7 * 5))
+    assert (dev_only.positive, dev_only.majority_label, dev_only.majority_from, dev_only.majority) == (
+        "yes", "yes", "dev", 0.7)
+    assert dev_only.f1 == pytest.approx(10 / 12)  # the same predictions, F1 of "yes": tp 5, fp 0, fn 2
+    table = format_table(results).splitlines()
+    assert table[1].split() == ["toy", "10", "0.800", "[0.490,", "0.943]", "0.700", "[0.397,", "0.892]", "0.300",
+                                "[0.108,", "0.603]", "no", "(train)", "no", "0.750", "0.655"]
+    assert "yes (dev)*" in table[2] and table[-1].startswith("*: no train split") and "seed" not in table[-2]
+    write_json(tmp_path / "eval.json", "run", "dev", results, None)
+    row = json.loads((tmp_path / "eval.json").read_text())["tasks"][0]
+    assert row["majority_ci"] == {"low": wilson(3, 10).low, "high": wilson(3, 10).high}
+    assert row["positive"] == "no" and row["majority_from"] == "train"
+
+
+def test_limit_takes_a_seeded_sample_the_same_in_every_process(tmp_path):
+    """On a label-sorted split (50 no, then 50 yes), --limit 10 is not its first 10: the same seed draws the
+    same examples (also in another process with another PYTHONHASHSEED), another seed others, in file order;
+    the issue's case, 872 of the 2000 movie reviews (sorted neg then pos), has both classes."""
+    from pipeline.data.tasks import load_tasks
+    from pipeline.eval.selection import sample
+
+    spec = toy_tasks(tmp_path, train="01", dev="0" * 50 + "1" * 50)["toy"]
+    ids = {seed: [group[0].example_id for group in chosen(spec, 10, seed).groups] for seed in (0, 1)}
+    again = chosen(spec, 10, 0)
+    assert [group[0].example_id for group in again.groups] == ids[0] and again.of == 100
+    assert again.seed == 0 and ids[0] != ids[1] and ids[0] != list(range(10)) and ids[0] == sorted(ids[0])
+    assert {group[0].gold for group in again.groups} == {"no", "yes"}
+    assert [(len(c.groups), c.seed) for c in (chosen(spec, 100, 0), chosen(spec, None, 0))] == [(100, None)] * 2
+    code = "from pipeline.eval.selection import sample; print(sample(range(100), 10, 0, 'toy/dev'))"
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONHASHSEED": "123"},
+                           capture_output=True, text=True, check=True)
+    assert other.stdout.split("\n")[0] == str(ids[0]) == str(sample(range(100), 10, 0, "toy/dev"))
+    reviews = chosen(load_tasks(REPO / "recipes" / "tasks.yaml", ["movie_reviews"])["movie_reviews"], 872, 0)
+    golds = [group[0].gold for group in reviews.groups]
+    assert len(golds) == 872 and min(golds.count("negative"), golds.count("positive")) > 872 * 0.4

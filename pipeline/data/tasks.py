@@ -16,6 +16,8 @@ per label. Each labelled example yields one `Proposition` per candidate label: t
         input: "{sentence}"             # str.format template over the fields (all read as text)
         label: label                    # the field holding the raw label
         labels: {"0": negative, "1": positive}   # raw value -> label name; also the candidate order
+        positive: positive              # two-label tasks: the class F1 is of (default: the label of raw value
+                                        # "1", else the second declared; with `threshold`, at_or_above)
         propositions:                   # exactly one template per label name
           positive: "Here, the movie review is emotionally positive."
           negative: "Here, the movie review is emotionally negative."
@@ -39,7 +41,7 @@ import random
 import re
 import string
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ TASK_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {  # key: (accepted types, 
     "input": ((str,), _REQUIRED), "label": ((str,), _REQUIRED), "propositions": ((dict,), _REQUIRED),
     "labels": ((dict,), None), "threshold": ((dict,), None), "header": ((bool,), True),
     "columns": ((list,), None), "pattern": ((str,), None), "encoding": ((str,), "utf-8"),
-    "on_error": ((str,), "fail"), "negatives_per_positive": ((int, type(None)), None),
+    "on_error": ((str,), "fail"), "negatives_per_positive": ((int, type(None)), None), "positive": ((str,), None),
 }
 FORMAT_ONLY_KEYS = {"header": ("tsv", "csv"), "columns": ("tsv", "csv"), "pattern": ("regex",)}
 _ENV_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -104,6 +106,7 @@ class TaskSpec:
     encoding: str = "utf-8"
     on_error: str = "fail"
     negatives_per_positive: int | None = None
+    positive: str | None = None  # two-label tasks: the class F1 is of; None with more labels
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -386,7 +389,7 @@ def _parse_task(name: str, decl: Any, root: Path) -> TaskSpec:
         negatives_per_positive=d["negatives_per_positive"],
     )
     _check_propositions(spec, f"{where}.propositions")
-    return spec
+    return replace(spec, positive=_positive(spec, d["positive"], f"{where}.positive"))
 
 
 def _parse_files(files: dict[Any, Any], where: str, root: Path) -> dict[str, Path]:
@@ -417,6 +420,22 @@ def _parse_labels(d: dict[str, Any], where: str) -> tuple[dict[str, str] | None,
     if above == below:
         raise ConfigError(f"{where}: at_or_above and below must name different labels")
     return None, Threshold(float(value), above, below)
+
+
+def _positive(spec: TaskSpec, declared: str | None, where: str) -> str | None:
+    """The declared positive class of a two-label task, or its default; None for more labels."""
+    names = spec.label_names
+    if len(names) != 2:
+        if declared is not None:
+            raise ConfigError(f"{where}: only for tasks with two labels; this one has {len(names)}")
+        return None
+    if declared is not None:
+        if declared not in names:
+            raise ConfigError(f"{where}: {declared!r} is not a label name; labels: {', '.join(names)}")
+        return declared
+    if spec.threshold is not None:
+        return spec.threshold.at_or_above
+    return spec.labels.get("1", names[1])
 
 
 def _check_propositions(spec: TaskSpec, where: str) -> None:

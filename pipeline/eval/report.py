@@ -8,15 +8,40 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.eval.metrics import TaskResult
+from pipeline.eval.metrics import Interval, TaskResult
+from pipeline.eval.selection import MAJORITY_SPLIT
 
 
 def format_table(results: Sequence[TaskResult]) -> str:
-    lines = [f"{'task':<16}{'n':>7}{'FreeLM acc':>12}{'F1':>8}{'MCC':>8}{'LM-only':>10}{'majority':>10}"]
+    """One row per task, columns padded to their widest cell, and notes on what a row's marks mean."""
+    rows = [("task", "n", "FreeLM acc [95% CI]", "LM-only [95% CI]", "majority [95% CI]", "majority class (from)",
+             "positive", "F1", "MCC")]
     for r in results:
-        extra = "".join(f"{v:>8.3f}" if v is not None else f"{'-':>8}" for v in (r.f1, r.mcc))
-        lines.append(f"{r.task:<16}{r.n:>7}{r.accuracy:>12.3f}{extra}{r.lm_only:>10.3f}{r.majority:>10.3f}")
+        flag = "" if r.majority_from == MAJORITY_SPLIT else "*"
+        rows.append((r.task, str(r.n) if r.seed is None else f"{r.n}/{r.of}", _with_ci(r.accuracy, r.accuracy_ci),
+                     _with_ci(r.lm_only, r.lm_only_ci), _with_ci(r.majority, r.majority_ci),
+                     f"{r.majority_label} ({r.majority_from}){flag}", r.positive or "-", _number(r.f1), _number(r.mcc)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {1, 7, 8}  # n, F1, MCC
+    lines = ["  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.append("[low, high]: 95% Wilson score interval. majority: the majority class's share of the evaluated "
+                 "examples. F1: of the positive class.")
+    seeds = sorted({r.seed for r in results if r.seed is not None})
+    if seeds:
+        lines.append(f"n/of: a random sample of the split's examples (--limit), seed {', '.join(map(str, seeds))}")
+    if any(r.majority_from != MAJORITY_SPLIT for r in results):
+        lines.append(f"*: no {MAJORITY_SPLIT} split; the majority class of the evaluated split itself (an optimistic "
+                     "baseline)")
     return "\n".join(lines)
+
+
+def _with_ci(value: float, ci: Interval) -> str:
+    return f"{value:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def write_json(path: str | Path, checkpoint: str | Path, split: str, results: Sequence[TaskResult],
@@ -27,7 +52,7 @@ def write_json(path: str | Path, checkpoint: str | Path, split: str, results: Se
 
 def log_to_mlflow(run_dir: str | Path, split: str, results: Sequence[TaskResult], ppl: float | None) -> str:
     """Add the results to the training run's MLflow run (from run_dir/mlflow_run.json) as `eval/<split>/...`
-    metrics at the checkpoint's step; returns the run id."""
+    metrics at the checkpoint's step (each accuracy with `_ci_low` and `_ci_high`); returns the run id."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -39,9 +64,12 @@ def log_to_mlflow(run_dir: str | Path, split: str, results: Sequence[TaskResult]
     now = int(time.time() * 1000)
     values = {f"eval/{split}/perplexity": ppl} if ppl is not None else {}
     for r in results:
-        for key in ("accuracy", "majority", "lm_only", "f1", "mcc"):
-            if getattr(r, key) is not None:
-                values[f"eval/{split}/{r.task}/{key}"] = getattr(r, key)
+        prefix = f"eval/{split}/{r.task}"
+        for key in ("accuracy", "lm_only", "majority"):
+            ci = getattr(r, f"{key}_ci")
+            values.update({f"{prefix}/{key}": getattr(r, key), f"{prefix}/{key}_ci_low": ci.low,
+                           f"{prefix}/{key}_ci_high": ci.high})
+        values.update({f"{prefix}/{key}": getattr(r, key) for key in ("f1", "mcc") if getattr(r, key) is not None})
     metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
     MlflowClient(saved["tracking_uri"]).log_batch(saved["run_id"], metrics=metrics)
     return saved["run_id"]

@@ -23,6 +23,7 @@ from pipeline.data.tasks import Proposition, SplitStats, iter_propositions, load
 from pipeline.errors import ConfigError, DataError
 from pipeline.eval.metrics import TaskResult, task_result
 from pipeline.eval.scoring import Batching, Placement, perplexity, score_propositions
+from pipeline.eval.selection import select
 
 BATCH_TOKENS = {"cuda": 32768, "cpu": 2048}  # default token budget per batch
 
@@ -41,8 +42,9 @@ def grid_tp(world_size: int, checkpoint_tp: int) -> int:
     return checkpoint_tp if world_size % checkpoint_tp == 0 else 1
 
 
-def examples(props: Iterable[Proposition], limit: int | None) -> list[list[Proposition]]:
-    """Propositions grouped by example (candidates in label order), at most `limit` examples."""
+def examples(props: Iterable[Proposition], limit: int | None = None) -> list[list[Proposition]]:
+    """Propositions grouped by example (candidates in label order); the first `limit` examples when given
+    (benchmarks; `freelm eval --limit` samples them with `select`)."""
     grouped: list[list[Proposition]] = []
     for prop in props:
         if grouped and grouped[-1][0].example_id == prop.example_id:
@@ -56,34 +58,36 @@ def examples(props: Iterable[Proposition], limit: int | None) -> list[list[Propo
 
 def evaluate_tasks(
     model, tokenizer, tasks_yaml: str | Path, split: str, max_len: int, placement: Placement, batching: Batching,
-    only: Sequence[str] | None = None, limit: int | None = None,
+    only: Sequence[str] | None = None, limit: int | None = None, seed: int = 0,
 ) -> list[TaskResult]:
-    """Every task declaring `split` (at most `limit` examples each), all scored together."""
+    """Every task declaring `split` (a sample of `limit` examples, drawn with `seed`, where it has more), all
+    scored together."""
     specs = [spec for spec in load_tasks(tasks_yaml, only).values() if split in spec.splits]
-    tasks = [examples(iter_propositions(spec, split, SplitStats(), all_candidates=True), limit) for spec in specs]
-    flat = [p for groups in tasks for group in groups for p in group]
-    candidates = [len(group) for groups in tasks for group in groups for _ in group]
+    every = [examples(iter_propositions(spec, split, SplitStats(), all_candidates=True)) for spec in specs]
+    tasks = [select(spec, split, groups, limit, seed) for spec, groups in zip(specs, every)]
+    flat = [p for task in tasks for group in task.groups for p in group]
+    candidates = [len(group) for task in tasks for group in task.groups for _ in group]
     if not flat:
         return []
     p_true, lm = score_propositions(model, tokenizer, flat, max_len, placement, batching, candidates)
     results, start = [], 0
-    for spec, groups in zip(specs, tasks):
-        sizes = np.array([len(group) for group in groups])
-        end = start + int(sizes.sum())
-        gold = np.array([spec.label_names.index(group[0].gold) for group in groups])
-        results.append(task_result(spec.name, len(spec.label_names), gold, sizes, p_true[start:end], lm[start:end]))
+    for spec, task in zip(specs, tasks):
+        end = start + sum(len(group) for group in task.groups)
+        results.append(task_result(spec, task, p_true[start:end], lm[start:end]))
         start = end
     return results
 
 
 def evaluate_run(
     run_dir: str | Path, tasks_yaml: str | Path, split: str, only: Sequence[str] | None = None,
-    limit: int | None = None, heldout: str | Path | None = None, batch_tokens: int | None = None,
+    limit: int | None = None, heldout: str | Path | None = None, batch_tokens: int | None = None, seed: int = 0,
 ) -> Evaluation:
     """A training run's latest checkpoint scored on `split` by every process of the launch (each returns
-    the same results), and the perplexity of `heldout` when given."""
+    the same results: the `limit` samples are drawn alike), and the perplexity of `heldout` when given."""
     if batch_tokens is not None and batch_tokens < 1:
         raise ConfigError(f"--batch-tokens must be at least 1, got {batch_tokens}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
     from megatron.core import parallel_state as ps
 
     from pipeline.checkpoint.consolidate import tensor_parallel_degree
@@ -106,7 +110,8 @@ def evaluate_run(
         placement = Placement(device, ps.get_data_parallel_rank(), dp, ps.get_data_parallel_group(), progress=main)
         batching = Batching(batch_tokens or BATCH_TOKENS[device.type])
         started = time.perf_counter()
-        results = evaluate_tasks(model, tokenizer, tasks_yaml, split, cfg.data.seq_len, placement, batching, only, limit)
+        results = evaluate_tasks(model, tokenizer, tasks_yaml, split, cfg.data.seq_len, placement, batching,
+                                 only, limit, seed)
         rate = sum(r.n for r in results) / (time.perf_counter() - started)
         ppl = None
         if heldout:
