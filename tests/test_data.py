@@ -69,6 +69,14 @@ def test_hf_gpt2_tokenizer_gets_the_special_tokens(tmp_path):
     tok.save(tmp_path / "imported")
     assert load_tokenizer(tmp_path / "imported").encode("the tyger [cls]") == tok.encode("the tyger [cls]")
 
+    # A tokenizer whose pad is its eos (as many LLaMA ones): pad gets an id of its own, kept when reloaded.
+    GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=eos, bos_token=eos, unk_token=eos,
+                      pad_token=eos).save_pretrained(tmp_path / "pad-is-eos")
+    tok = load_tokenizer(tmp_path / "pad-is-eos")
+    assert tok.special.eos == 0 and tok.special.pad == 500 and tok.vocab_size == 503
+    tok.save(tmp_path / "pad-is-eos-imported")
+    assert load_tokenizer(tmp_path / "pad-is-eos-imported").special.pad == 500
+
 
 def test_corpus_is_a_megatron_indexed_dataset_with_every_token(tok_dir, corpora, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset

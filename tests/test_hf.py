@@ -245,3 +245,35 @@ def test_import_shape_mismatch_names_the_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"model.n_layers=3, model.vocab_size=900; set model.n_layers=2 "
                                           r"model.vocab_size=>= 1000"):
         check_compatible(cfg.model, tmp_path)
+
+
+@pytest.mark.parametrize("kind, change, named", [
+    ("gpt2", {"tie_word_embeddings": False}, "tie_word_embeddings: false"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function: 'relu'"),
+    ("llama", {"tie_word_embeddings": False}, "tie_word_embeddings: false"),
+    ("llama", {"num_key_value_heads": 2}, "num_key_value_heads < num_attention_heads"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act: 'gelu'"),
+    ("llama", {"attention_bias": True}, "attention_bias: true"),
+    ("llama", {"mlp_bias": True}, "mlp_bias: true"),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling / rope_parameters.rope_type"),
+])
+def test_import_refuses_what_freelm_cannot_represent_naming_the_key(tmp_path, kind, change, named):
+    """Each model written by save_pretrained; init_from stops before any weight is read, naming the key."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.hf.load import check_compatible
+
+    if kind == "gpt2":
+        config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128, **change)
+        GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    else:
+        base = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                    vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=True)
+        LlamaForCausalLM(LlamaConfig(**(base | change))).save_pretrained(tmp_path)
+    cfg = load_config(None, ["model.preset=tiny", f"model.vocab_size={VOCAB}"])
+    with pytest.raises(ConfigError) as error:
+        check_compatible(cfg.model, tmp_path)
+    assert str(error.value).startswith(f"train.init_from: {tmp_path / 'config.json'}: cannot be represented: ")
+    assert named in str(error.value)

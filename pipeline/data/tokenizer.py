@@ -86,7 +86,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 class HFTokenizer(Tokenizer):
     """A local Hugging Face tokenizer directory (e.g. GPT-2's), with pad, `[sep]` and `[cls]` added as
-    special tokens when missing; eos is the tokenizer's own (`<|endoftext|>` for GPT-2)."""
+    special tokens when missing (a pad that is the eos token gets a pad of its own); eos is the tokenizer's own
+    (`<|endoftext|>` for GPT-2)."""
 
     kind = "huggingface"
 
@@ -97,8 +98,10 @@ class HFTokenizer(Tokenizer):
         if self.tok.eos_token_id is None:
             raise ValueError(f"{path}: the Hugging Face tokenizer has no eos token")
         missing = [t for t in (SEP, CLS) if t not in self.tok.get_vocab()]
+        # A pad equal to eos (common in LLaMA tokenizers) would have every eos masked out of the LM loss.
+        own_pad = self.tok.pad_token and self.tok.pad_token_id != self.tok.eos_token_id
         self.tok.add_special_tokens(
-            {"additional_special_tokens": missing} | ({} if self.tok.pad_token else {"pad_token": "<|pad|>"})
+            {"additional_special_tokens": missing} | ({} if own_pad else {"pad_token": "<|pad|>"})
         )
         self.special = SpecialIds(
             pad=self.tok.pad_token_id, eos=self.tok.eos_token_id,

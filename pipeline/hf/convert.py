@@ -145,16 +145,42 @@ def hf_config(cfg: ModelConfig, special: dict[str, int] | None = None):
     )
 
 
-def model_config_from_hf(config: dict) -> dict:
-    """The `model.*` shape keys a Hugging Face config.json implies (GPT-2 or LLaMA without GQA)."""
+def unsupported(config: dict) -> list[str]:
+    """What a Hugging Face config.json asks for that FreeLM's blocks cannot represent, each naming its key:
+    an output layer of its own, other activations, attention or MLP biases (LLaMA), scaled or other RoPE."""
     kind = config.get("model_type")
+    found = []
+    if config.get("tie_word_embeddings", True) is False:
+        found.append("tie_word_embeddings: false (an output layer of its own; FreeLM's LM head is the input "
+                     "embedding)")
+    if kind == "gpt2" and config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        found.append(f"activation_function: {config['activation_function']!r} (FreeLM's GPT-2 block: gelu_new)")
+    if kind == "llama":
+        if config.get("hidden_act", "silu") != "silu":
+            found.append(f"hidden_act: {config['hidden_act']!r} (FreeLM's modern block: silu)")
+        found += [f"{key}: true (FreeLM's modern block has none)" for key in ("attention_bias", "mlp_bias")
+                  if config.get(key)]
+        rope = config.get("rope_parameters") or {}
+        if config.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+            found.append(f"rope_scaling / rope_parameters.rope_type: "
+                         f"{config.get('rope_scaling') or rope.get('rope_type')!r} (FreeLM: plain RoPE)")
+    return found
+
+
+def model_config_from_hf(config: dict) -> dict:
+    """The `model.*` shape keys a Hugging Face config.json implies (GPT-2 or LLaMA without GQA); ValueError
+    naming the config keys FreeLM cannot represent."""
+    kind = config.get("model_type")
+    if problems := unsupported(config):
+        raise ValueError(f"cannot be represented: {'; '.join(problems)}")
     if kind == "gpt2":
         return dict(block="gpt2", n_layers=config["n_layer"], d_model=config["n_embd"], n_heads=config["n_head"],
                     ffn_hidden=config.get("n_inner") or 4 * config["n_embd"], max_seq_len=config["n_positions"],
                     norm_eps=config.get("layer_norm_epsilon", 1e-5))
     if kind == "llama":
         if config.get("num_key_value_heads", config["num_attention_heads"]) != config["num_attention_heads"]:
-            raise ValueError("grouped-query attention (num_key_value_heads < num_attention_heads) is not supported")
+            raise ValueError("cannot be represented: num_key_value_heads < num_attention_heads (grouped-query "
+                             "attention)")
         rope = config.get("rope_parameters") or {}
         return dict(block="modern", n_layers=config["num_hidden_layers"], d_model=config["hidden_size"],
                     n_heads=config["num_attention_heads"], ffn_hidden=config["intermediate_size"],
