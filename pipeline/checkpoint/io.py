@@ -60,8 +60,8 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any (one all-reduce)."""
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any (one all-reduce, on the default group's device)."""
     value = torch.tensor([float(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
@@ -83,7 +83,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> Pat
     the path, and removes the partial checkpoint."""
     tag = f"step_{step:08d}"
     path = ckpt_dir / tag
-    start, error = time.perf_counter(), None
+    start, error, files = time.perf_counter(), None, {}
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     except Exception as exc:  # noqa: BLE001  (any failure: the ranks must agree before anyone raises)
@@ -94,7 +94,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> Pat
             torch.save(rng_state(), path / f"rng_rank{dist.get_rank():05d}.pt")
         except Exception as exc:  # noqa: BLE001
             error = exc
-    if not _any_rank(error is not None) and dist.get_rank() == 0:  # every rank's files are there
+    if not any_rank(error is not None) and dist.get_rank() == 0:  # every rank's files are there
         try:
             files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
                      if f.is_file() and f.name != MANIFEST}
@@ -113,7 +113,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> Pat
         raise CheckpointError(f"{path}: saving step {step} failed on rank {rank}{others}: {why}. The latest "
                               f"checkpoint is still {latest_tag(ckpt_dir) or 'none'}; nothing older was touched")
     if dist.get_rank() == 0:
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        size = sum(files.values())
         elapsed = time.perf_counter() - start
         log.info(f"checkpoint: {path} ({size / 1e9:.2f} GB in {elapsed:.1f} s, {size / 1e9 / elapsed:.2f} GB/s)")
     return path
@@ -173,7 +173,7 @@ def load_latest(engine, ckpt_dir: Path) -> dict[str, Any] | None:
     tags = complete_tags(ckpt_dir)
     for tag in tags:
         problem = damage(ckpt_dir / tag)
-        if _any_rank(problem is not None):
+        if any_rank(problem is not None):
             if dist.get_rank() == 0:
                 log.warning(f"checkpoint {tag} is damaged: {problem or 'another rank found a bad file'}; "
                             f"trying the one before it")

@@ -67,10 +67,8 @@ class StopRequest:
         # already got, and a scheduler that wants the job gone follows up with SIGKILL.
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self) -> bool:
+        return checkpoint.any_rank(self.requested)
 
 
 @dataclass
@@ -186,7 +184,7 @@ class Trainer:
                         f"{checkpoint.latest_tag(self.ckpt_dir) or 'none'} in {self.ckpt_dir}"
                     )
                 with phase(f"step {state.step}: the all-reduce that agrees on a stop request"):
-                    stopping = self.stop_request.agreed(self.engine.device)
+                    stopping = self.stop_request.agreed()
                 if state.step % train.save_every == 0 or state.step == stop or stopping:
                     with phase(f"saving the checkpoint of step {state.step}", announce=state.step <= train.save_every):
                         self._save()
