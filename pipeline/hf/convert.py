@@ -147,7 +147,8 @@ def hf_config(cfg: ModelConfig, special: dict[str, int] | None = None):
 
 def unsupported(config: dict) -> list[str]:
     """What a Hugging Face config.json asks for that FreeLM's blocks cannot represent, each naming its key:
-    an output layer of its own, other activations, attention or MLP biases (LLaMA), scaled or other RoPE."""
+    an output layer of its own, other activations, grouped-query attention, attention or MLP biases (LLaMA),
+    scaled or other RoPE."""
     kind = config.get("model_type")
     found = []
     if config.get("tie_word_embeddings", True) is False:
@@ -156,6 +157,8 @@ def unsupported(config: dict) -> list[str]:
     if kind == "gpt2" and config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         found.append(f"activation_function: {config['activation_function']!r} (FreeLM's GPT-2 block: gelu_new)")
     if kind == "llama":
+        if config.get("num_key_value_heads", config["num_attention_heads"]) != config["num_attention_heads"]:
+            found.append("num_key_value_heads < num_attention_heads (grouped-query attention)")
         if config.get("hidden_act", "silu") != "silu":
             found.append(f"hidden_act: {config['hidden_act']!r} (FreeLM's modern block: silu)")
         found += [f"{key}: true (FreeLM's modern block has none)" for key in ("attention_bias", "mlp_bias")
@@ -178,9 +181,6 @@ def model_config_from_hf(config: dict) -> dict:
                     ffn_hidden=config.get("n_inner") or 4 * config["n_embd"], max_seq_len=config["n_positions"],
                     norm_eps=config.get("layer_norm_epsilon", 1e-5))
     if kind == "llama":
-        if config.get("num_key_value_heads", config["num_attention_heads"]) != config["num_attention_heads"]:
-            raise ValueError("cannot be represented: num_key_value_heads < num_attention_heads (grouped-query "
-                             "attention)")
         rope = config.get("rope_parameters") or {}
         return dict(block="modern", n_layers=config["num_hidden_layers"], d_model=config["hidden_size"],
                     n_heads=config["num_attention_heads"], ffn_hidden=config["intermediate_size"],
