@@ -67,6 +67,7 @@ class TrainConfig:
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
     activation_checkpointing: bool = False
     init_from: str | None = None  # a local Hugging Face GPT-2/LLaMA directory to start from (teacher head fresh)
+    init_teacher_task: int = 0  # init_from in the FreeLM authors' layout: the (binary) task whose head is the teacher's
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs, or a matmul measured on CPU
 
 
@@ -75,7 +76,8 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under the run directory
     experiment: str = "freelm"
-    run_name: str | None = None
+    run_name: str | None = None  # None: the run directory's name
+    system_metrics: bool = True  # CPU / memory / GPU utilisation (MLflow's monitor; GPUs need nvidia-ml-py)
 
 
 @dataclass

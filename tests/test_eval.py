@@ -79,9 +79,16 @@ def test_eval_reports_tasks_with_baselines(runs, tmp_path):
     from mlflow.tracking import MlflowClient
 
     saved = json.loads((runs / "tp1" / "mlflow_run.json").read_text())
-    logged = MlflowClient(saved["tracking_uri"]).get_run(saved["run_id"]).data.metrics
-    assert logged["eval/dev/cola/accuracy"] == tasks["cola"]["accuracy"] and "eval/dev/perplexity" in logged
-    assert logged["eval/dev/sst2/majority_ci_high"] == tasks["sst2"]["majority_ci"]["high"]
+    client = MlflowClient(saved["tracking_uri"])
+    logged = client.get_run(saved["run_id"]).data.metrics
+    assert logged["zeroshot/dev/cola/accuracy"] == tasks["cola"]["accuracy"]
+    assert logged["zeroshot/dev/sst2/majority"] == tasks["sst2"]["majority"]
+    assert logged["perplexity/dev"] == pytest.approx(one["perplexity"]) and "zeroshot/dev/mnli/f1" not in logged
+    stem = f"eval/dev_{(runs / 'tp1' / 'checkpoints' / 'latest').read_text()}"
+    table = Path(client.download_artifacts(saved["run_id"], f"{stem}.txt", str(tmp_path)))
+    assert table.read_text().splitlines()[1].startswith("sst2") and "[95% CI]" in table.read_text()
+    assert json.loads(Path(client.download_artifacts(saved["run_id"], f"{stem}.json", str(tmp_path))).read_text())[
+        "tasks"] == one["tasks"]
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_fp16_zero3_trains_with_dynamic_loss_scaling(data, tmp_path):
     assert [row["step"] for row in rows] == list(range(1, 9))
     assert len(losses(rows)) == 8 and all(math.isfinite(value) for value in losses(rows))
     # zero3_fp16.json: dynamic scaling from 2**16, halved on overflow, never below 1: a power of two in [1, 2**16]
-    scales = [row["loss_scale"] for row in rows]
+    scales = [row["train/loss_scale"] for row in rows]
     assert all(1 <= scale <= 2**16 and math.log2(scale).is_integer() for scale in scales), scales
 
 

@@ -30,7 +30,8 @@ from two_node_cluster import TwoNodeCluster
 TRAIN_SH, TORCHRUN_SH = REPO / "slurm" / "train.sh", REPO / "slurm" / "torchrun.sh"
 # TP=2 x DP=2 with the global batch of tests/test_train.py's grid test (8 sequences, 16 propositions per step)
 GRID = {"parallel.tensor_parallel": 2, "train.micro_batch": 4, "train.teacher_micro_batch": 8}
-COMPARED = ("step", "loss/language", "loss/teacher", "teacher/accuracy", "lr", "grad_norm", "train/skipped_steps")
+COMPARED = ("step", "loss/language", "loss/teacher", "teacher/accuracy", "train/lr", "train/grad_norm",
+            "train/skipped_steps")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_tp2_x_dp2_across_two_nodes_matches_one_node(two_nodes: TwoNodeCluster, 
     # a reduction over two values (the DP and TP groups' size) does not depend on the order anyway.
     assert [row["step"] for row in metrics(run)] == list(range(1, 7))
     assert compared(run) == compared(single)
-    assert all("grad_norm" in row for row in compared(run))
+    assert all("train/grad_norm" in row for row in compared(run))
     from pipeline.checkpoint.consolidate import consolidate
     from pipeline.config import load_config
 
@@ -154,7 +155,7 @@ def test_tp2_x_dp2_across_two_nodes_matches_one_node(two_nodes: TwoNodeCluster, 
     (mlflow_run,) = mlflow_runs(run)
     assert mlflow_run.info.status == "FINISHED"
     rows = metrics(run)
-    for key in ("loss/language", "loss/teacher", "lr", "grad_norm"):
+    for key in ("loss/language", "loss/teacher", "train/lr", "train/grad_norm"):
         assert mlflow_history(run, key) == [(row["step"], row[key]) for row in rows if key in row]
 
 
@@ -181,7 +182,7 @@ def test_preempted_two_node_job_requeues_and_resumes(two_nodes: TwoNodeCluster, 
     assert [row["step"] for row in rows] == list(range(1, 41))
     (mlflow_run,) = mlflow_runs(run)
     assert mlflow_run.info.status == "FINISHED"
-    assert [step for step, _ in mlflow_history(run, "lr")] == list(range(1, 41))
+    assert [step for step, _ in mlflow_history(run, "train/lr")] == list(range(1, 41))
     assert [step for step, _ in mlflow_history(run, "loss/language")] == list(range(1, 41, 2))
     assert [step for step, _ in mlflow_history(run, "loss/teacher")] == list(range(2, 41, 2))
     for key in ("loss/language", "loss/teacher"):
@@ -218,7 +219,7 @@ def test_a_killed_rank_on_node2_is_restarted_from_the_checkpoint(two_nodes: TwoN
     assert [row["step"] for row in rows] == list(range(1, 41))  # steps after the checkpoint: trained twice, once here
     (mlflow_run,) = mlflow_runs(run)
     assert mlflow_run.info.status == "FINISHED"
-    for key in ("loss/language", "loss/teacher", "lr"):
+    for key in ("loss/language", "loss/teacher", "train/lr"):
         assert series(rows, key) == series(uninterrupted, key)  # fp32 on CPU: exact
         assert mlflow_history(run, key) == [(row["step"], row[key]) for row in rows if key in row]
 

@@ -35,7 +35,7 @@ def test_a_job_resumed_after_a_lost_segment_logs_every_step_once(data, tmp_path)
     assert [row["step"] for row in rows] == list(range(1, 9))
     resumed = {row["step"]: row["loss/language"] for row in rows if "loss/language" in row}
     assert {step: resumed[step] for step in first} == first  # exact resume: steps 5-6 trained again, equal
-    for key in ("lr", "loss/language", "loss/teacher"):
+    for key in ("train/lr", "loss/language", "loss/teacher"):
         steps = [step for step, _ in mlflow_steps(run_dir, key)]
         assert steps == sorted(set(steps)) and set(steps) == {r["step"] for r in rows if key in r}
 

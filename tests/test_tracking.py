@@ -64,7 +64,7 @@ def test_default_sqlite_store_and_resume(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     tracker = make_tracker(run_dir, None)
     assert tracker.tracking_uri == f"sqlite:///{run_dir.resolve()}/mlflow.db"
-    tracker.log(0, {"grad_norm": float("nan"), "lr": 1e-3})
+    tracker.log(0, {"train/grad_norm": float("nan"), "train/lr": 1e-3})
     log_steps(tracker, range(20))
     assert tracker.close()
 
@@ -72,16 +72,17 @@ def test_default_sqlite_store_and_resume(tmp_path, monkeypatch):
     client = MlflowClient(tracker.tracking_uri)
     assert steps_of(client, run_id, "loss/language") == list(range(0, 20, 2))
     assert steps_of(client, run_id, "loss/teacher") == list(range(1, 20, 2))
-    assert steps_of(client, run_id, "grad_norm") == []
+    assert steps_of(client, run_id, "train/grad_norm") == []
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert run.data.tags["mlflow.runName"] == "run"
     assert len(run.data.params) == 153 and run.data.params["sweep.p149"] == "149"
     assert run.data.params["optim.lr"] == "0.0003" and len(run.data.params["data.note"]) == 6000
     assert json.loads((run_dir / "mlflow_run.json").read_text()) == {
-        "run_id": run_id, "tracking_uri": tracker.tracking_uri, "experiment": "test-tracking"}
+        "run_id": run_id, "tracking_uri": tracker.tracking_uri, "experiment": "test-tracking",
+        "experiment_id": client.get_run(run_id).info.experiment_id}
     records = jsonl(run_dir)
-    assert len(records) == 21 and records[0]["grad_norm"] is None and records[0]["lr"] == 1e-3
+    assert len(records) == 21 and records[0]["train/grad_norm"] is None and records[0]["train/lr"] == 1e-3
     assert [r["step"] for r in records[1:]] == list(range(20))
 
     # A resumed job: same run, back to RUNNING; a changed param would be refused by MLflow if it were re-logged.

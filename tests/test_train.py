@@ -88,7 +88,8 @@ def test_zero3_dp2_trains_both_signals_with_the_deepspeed_launcher(data, tmp_pat
     assert len(language) == len(teacher) == 30  # interactive 1:1
     assert sum(language[-5:]) < sum(language[:5]) * 0.9
     assert sum(teacher[-8:]) < sum(teacher[:8]) * 0.9
-    assert all(key in rows[-1] for key in ("lr", "grad_norm", "throughput/tokens_per_s", "throughput/mfu"))
+    assert all(key in rows[-1] for key in ("train/lr", "train/grad_norm", "throughput/tokens_per_s",
+                                             "throughput/mfu_percent"))
     assert (run / "checkpoints" / "latest").read_text() == "step_00000060"
     from mlflow.tracking import MlflowClient
 
@@ -96,6 +97,26 @@ def test_zero3_dp2_trains_both_signals_with_the_deepspeed_launcher(data, tmp_pat
     client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     assert len(client.get_metric_history(saved["run_id"], "loss/language")) == 30
     assert len(client.get_metric_history(saved["run_id"], "loss/teacher")) == 30
+    assert_run_describes_itself(client, saved["run_id"], run, {"world_size": "2", "tensor_parallel": "1",
+                                                                "data_parallel": "2", "zero_stage": "3"})
+
+
+def assert_run_describes_itself(client, run_id: str, run_dir: Path, grid: dict[str, str]) -> None:
+    """Run name, tags (code, command, grid), artifacts (the files themselves) and the experiment's kind and
+    artifact location, as a finished training job leaves them."""
+    found = client.get_run(run_id)
+    tags = found.data.tags
+    assert found.info.run_name == run_dir.name
+    assert {key: tags[f"freelm.{key}"] for key in grid} == grid
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert tags["mlflow.source.git.commit"] == head.strip() and " train " in f"{tags['freelm.command']} "
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["config.yaml", "ds_config.json", "metrics.jsonl"]
+    for name in ("config.yaml", "metrics.jsonl"):
+        assert Path(client.download_artifacts(run_id, name, str(run_dir / "downloaded"))).read_bytes() == (
+            run_dir / name).read_bytes()
+    experiment = client.get_experiment(found.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location == (run_dir / "mlartifacts").resolve().as_uri()
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -157,7 +178,7 @@ def test_a_nan_batch_is_skipped_and_counted(data, tmp_path):
     run_ranks(nan_rank, 1, overrides(data, tmp_path, **{"train.steps": 6}), [1])
     rows = metrics(tmp_path)
     assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1]  # language batch 1 is step 3
-    assert rows[2]["loss/language"] is None and "grad_norm" not in rows[2]
+    assert rows[2]["loss/language"] is None and "train/grad_norm" not in rows[2]
     assert all(isinstance(r.get("loss/language", 0.0), float) for r in rows[3:])
 
 

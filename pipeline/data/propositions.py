@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
+from pipeline.progress import progress
 
 from pipeline.data.tasks import Proposition, SplitStats, iter_propositions, load_tasks
 from pipeline.data.tokenizer import CLS, SEP, Tokenizer, load_tokenizer
@@ -82,7 +82,7 @@ def build_propositions(
         stats = SplitStats()
         truncated = 0
         stream = iter_propositions(spec, split, stats, seed=seed, all_candidates=all_candidates)
-        for batch in _batches(tqdm(stream, desc=f"{spec.name}/{split}", unit=" props", mininterval=1.0)):
+        for batch in _batches(progress(stream, desc=f"{spec.name}/{split}", unit=" props", mininterval=1.0)):
             rows, over = _encode(batch, tokenizer, spec.label_names, task_id, max_len, dtype, builder)
             meta.append(rows)
             truncated += over

@@ -44,15 +44,20 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def report_dict(checkpoint: str | Path, split: str, results: Sequence[TaskResult], ppl: float | None) -> dict:
+    return {"checkpoint": str(checkpoint), "split": split, "tasks": [asdict(r) for r in results], "perplexity": ppl}
+
+
 def write_json(path: str | Path, checkpoint: str | Path, split: str, results: Sequence[TaskResult],
                ppl: float | None) -> None:
-    report = {"checkpoint": str(checkpoint), "split": split, "tasks": [asdict(r) for r in results], "perplexity": ppl}
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    Path(path).write_text(json.dumps(report_dict(checkpoint, split, results, ppl), indent=2) + "\n")
 
 
 def log_to_mlflow(run_dir: str | Path, split: str, results: Sequence[TaskResult], ppl: float | None) -> str:
-    """Add the results to the training run's MLflow run (from run_dir/mlflow_run.json) as `eval/<split>/...`
-    metrics at the checkpoint's step (each accuracy with `_ci_low` and `_ci_high`); returns the run id."""
+    """Add the results to the training run's MLflow run (from run_dir/mlflow_run.json) at the checkpoint's
+    step: metrics `zeroshot/<split>/<task>/...` and `perplexity/<split>` (named to sort after the loss
+    charts), and the table (with intervals) and its JSON as artifacts `eval/<split>_step_<N>.{txt,json}`.
+    Returns the run id."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -60,16 +65,17 @@ def log_to_mlflow(run_dir: str | Path, split: str, results: Sequence[TaskResult]
 
     run_dir = Path(run_dir)
     saved = json.loads((run_dir / "mlflow_run.json").read_text())
-    step = int(latest_tag(run_dir / "checkpoints").split("_")[-1])
+    tag = latest_tag(run_dir / "checkpoints")
+    step = int(tag.split("_")[-1])
     now = int(time.time() * 1000)
-    values = {f"eval/{split}/perplexity": ppl} if ppl is not None else {}
+    values = {f"perplexity/{split}": ppl} if ppl is not None else {}
     for r in results:
-        prefix = f"eval/{split}/{r.task}"
-        for key in ("accuracy", "lm_only", "majority"):
-            ci = getattr(r, f"{key}_ci")
-            values.update({f"{prefix}/{key}": getattr(r, key), f"{prefix}/{key}_ci_low": ci.low,
-                           f"{prefix}/{key}_ci_high": ci.high})
-        values.update({f"{prefix}/{key}": getattr(r, key) for key in ("f1", "mcc") if getattr(r, key) is not None})
-    metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
-    MlflowClient(saved["tracking_uri"]).log_batch(saved["run_id"], metrics=metrics)
+        names = ("accuracy", "lm_only", "majority", "f1", "mcc")
+        values.update({f"zeroshot/{split}/{r.task}/{key}": getattr(r, key) for key in names
+                       if getattr(r, key) is not None})
+    client = MlflowClient(saved["tracking_uri"])
+    client.log_batch(saved["run_id"], metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
+    stem = f"eval/{split}_{tag}"
+    client.log_text(saved["run_id"], format_table(results) + "\n", f"{stem}.txt")
+    client.log_dict(saved["run_id"], report_dict(run_dir, split, results, ppl), f"{stem}.json")
     return saved["run_id"]

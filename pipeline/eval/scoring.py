@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch.distributed import ProcessGroup
-from tqdm import tqdm
+from pipeline.progress import progress
 
 from pipeline.data.loaders import right_pad
 from pipeline.data.propositions import proposition_tail, truncate
@@ -87,8 +87,8 @@ def score_items(
     weights = np.ones(len(items)) if weights is None else np.asarray(weights, dtype=np.float64)
     values = torch.zeros(len(items), dtype=torch.float64, device=placement.device)
     size = placement.dp_size
-    bar = tqdm(total=round(weights.sum()), desc=desc, unit=unit, disable=not placement.progress,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
+    bar = progress(total=round(weights.sum()), desc=desc, unit=unit, disable=not placement.progress,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
     with bar:
         for first in range(0, len(batches), size):
             mine = first + placement.dp_rank

@@ -8,6 +8,10 @@ A job that resumes from a checkpoint trains the steps after it again. metrics.js
 checkpoint's step (rewritten atomically) so that it holds every step once; MLflow keeps every point it is
 sent and cannot forget one, so the steps it already holds for this run are not sent again (with exact
 resume their values are the ones it has).
+
+Files (the resolved config at start, metrics.jsonl at the end) travel the same way, after the points queued
+before them. The experiment is created in MLflow's model-training view, with its artifacts beside a SQLite
+store (`run_info`); MLflow's system-metrics monitor (CPU, memory, GPU with nvidia-ml-py) samples the host.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.train.run_info import EXPERIMENT_KIND, artifact_location, create_local_store, system_monitor
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,14 @@ MAX_PARAMS_PER_CALL = 100
 MAX_PARAM_CHARS = 6000
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
 LOCAL_STORE = "mlflow.db"  # the store in run_dir when no tracking server is given
-STEP_KEY = "lr"  # logged at every step: its last step in MLflow is the last step MLflow holds
+STEP_KEY = "train/lr"  # logged at every step: its last step in MLflow is the last step MLflow holds
+SYSTEM_METRICS_INTERVAL = 10.0  # seconds between samples of MLflow's system-metrics monitor (MLflow's default)
+
+
+@dataclass(frozen=True)
+class _Artifact:
+    path: Path
+    folder: str | None  # artifact sub-folder; None: the run's root
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,11 @@ class Tracker:
     """Logs metrics from the training loop without ever blocking it; see the module docstring."""
 
     def __init__(self, run_dir: str | Path, *, uri: str | None, experiment: str, run_name: str | None,
-                 params: Mapping[str, Any], resume_step: int | None = None, queue_size: int = 100_000) -> None:
-        """`resume_step`: the checkpoint step a resumed job continues from; records past it are dropped."""
+                 params: Mapping[str, Any], resume_step: int | None = None, queue_size: int = 100_000,
+                 tags: Mapping[str, str] | None = None, artifacts: Sequence[str | Path] = (),
+                 system_metrics: bool = False) -> None:
+        """`resume_step`: the checkpoint step a resumed job continues from; records past it are dropped.
+        `tags` are set on the run (again by a resumed job); `artifacts` are files uploaded at start."""
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / LOCAL_STORE}"
@@ -66,7 +82,9 @@ class Tracker:
         self._logged = 0  # finite points put on the queue; written by the caller's thread only
         self._result: bool | None = None
         self._worker = _Worker(self._queue, self.run_dir, self._uri, experiment, run_name, params, queue_size,
-                               earlier)
+                               earlier, dict(tags or {}), system_metrics)
+        for path in artifacts:
+            self.log_artifact(path)
         self._thread = threading.Thread(target=self._worker.run, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -91,9 +109,15 @@ class Tracker:
             self._queue.put(points)
             self._logged += len(points)
 
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """Upload the file at `path` (as it is when the worker gets to it) to the run, in the background."""
+        self._queue.put(_Artifact(Path(path), folder))
+
     def close(self, status: str = "FINISHED", timeout: float = 30.0) -> bool:
+        """Deliver what is queued (metrics.jsonl last), mark the run `status`; False if MLflow missed points."""
         if self._result is not None:
             return self._result
+        self.log_artifact(self._jsonl.name)
         self._queue.put(_Close(status, time.monotonic() + timeout))
         self._thread.join(timeout + 1.0)  # the worker stops at the deadline; a request still in flight then fails
         with contextlib.suppress(OSError):
@@ -112,12 +136,16 @@ class _Worker:
     main thread only reads `run_id`, `delivered` and `finished`, each written here alone."""
 
     def __init__(self, inbox: queue.SimpleQueue, run_dir: Path, uri: str, experiment: str, run_name: str | None,
-                 params: Mapping[str, Any], capacity: int, earlier_bytes: int) -> None:
+                 params: Mapping[str, Any], capacity: int, earlier_bytes: int, tags: dict[str, str],
+                 system_metrics: bool) -> None:
         self._inbox, self._uri, self._experiment, self._run_name = inbox, uri, experiment, run_name
         self._earlier_bytes = earlier_bytes  # metrics.jsonl's head, written by earlier jobs of this run
         self._params = {str(key): str(value)[:MAX_PARAM_CHARS] for key, value in params.items()}
         self._run_file = run_dir / "mlflow_run.json"
+        self._tags, self._system_metrics, self._monitor = tags, system_metrics, None
+        self._artifacts: deque[_Artifact] = deque()
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.delivered = 0
         self.backfilled = 0  # points of earlier jobs, from metrics.jsonl, that MLflow did not have
         self.finished = False
@@ -139,8 +167,10 @@ class _Worker:
             try:
                 self._setup()
                 self._flush()
+                self._upload()
                 self._recovered()
                 if close is not None:
+                    self._stop_monitor()
                     self._client.set_terminated(self.run_id, close.status)
                     self.finished = True
                     return
@@ -153,6 +183,10 @@ class _Worker:
                 elif (left := close.deadline - time.monotonic()) > 0:
                     time.sleep(min(delay, left))
                 else:
+                    self._stop_monitor()
+                    if self._artifacts:
+                        log.warning("MLflow at %s did not get the files %s", self._uri,
+                                    ", ".join(str(a.path) for a in self._artifacts))
                     return
 
     def _receive(self, timeout: float | None) -> _Close | None:
@@ -160,7 +194,10 @@ class _Worker:
         try:
             item = self._inbox.get(timeout=timeout)
             while not isinstance(item, _Close):
-                self._enqueue(item)
+                if isinstance(item, _Artifact):
+                    self._artifacts.append(item)
+                else:
+                    self._enqueue(item)
                 item = self._inbox.get_nowait()
             return item
         except queue.Empty:
@@ -191,7 +228,7 @@ class _Worker:
         if self._client is None:
             local = self._run_file.parent / LOCAL_STORE
             if self._uri == f"sqlite:///{local}":
-                _create_local_store(local)
+                create_local_store(local)
             self._client = MlflowClient(self._uri)
         if self.run_id is None:
             resumed = self._resume()
@@ -203,10 +240,12 @@ class _Worker:
         if self._params_pending:
             self._log_params()
             self._params_pending = False
-            saved = {"run_id": self.run_id, "tracking_uri": self._uri, "experiment": self._experiment}
+            saved = {"run_id": self.run_id, "tracking_uri": self._uri, "experiment": self._experiment,
+                     "experiment_id": self.experiment_id}
             tmp = self._run_file.with_suffix(".tmp")  # written last: its presence means the run is fully set up
             tmp.write_text(json.dumps(saved))
             os.replace(tmp, self._run_file)
+        self._start_monitor()
         self._ready = True
 
     def _resume(self) -> str | None:
@@ -218,6 +257,8 @@ class _Worker:
         run_id = json.loads(self._run_file.read_text())["run_id"]
         try:
             self._client.update_run(run_id, status="RUNNING")
+            self.experiment_id = self._client.get_run(run_id).info.experiment_id
+            self._log_tags(run_id)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -247,10 +288,45 @@ class _Worker:
 
     def _create_run(self) -> str:
         experiment = self._client.get_experiment_by_name(self._experiment)
-        experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(self._experiment)
-        run = self._client.create_run(experiment_id, run_name=self._run_name)  # also sets tag mlflow.runName
+        if experiment is None:
+            self.experiment_id = self._client.create_experiment(
+                self._experiment, artifact_location=artifact_location(self._uri), tags=EXPERIMENT_KIND)
+        else:
+            self.experiment_id = experiment.experiment_id
+            for key, value in EXPERIMENT_KIND.items():
+                if key not in experiment.tags:
+                    self._client.set_experiment_tag(self.experiment_id, key, value)
+        run = self._client.create_run(self.experiment_id, run_name=self._run_name)  # also sets tag mlflow.runName
+        self._log_tags(run.info.run_id)
         self._params_pending = True
         return run.info.run_id
+
+    def _log_tags(self, run_id: str) -> None:
+        from mlflow.entities import RunTag
+
+        if self._tags:
+            self._client.log_batch(run_id, tags=[RunTag(key, value) for key, value in self._tags.items()])
+
+    def _upload(self) -> None:
+        """Upload the queued files in order; a file leaves the queue once MLflow has it (or it is gone)."""
+        while self._artifacts:
+            item = self._artifacts[0]
+            if item.path.is_file():
+                self._client.log_artifact(self.run_id, str(item.path), item.folder)
+            else:
+                log.warning("%s is gone: not uploaded to MLflow", item.path)
+            self._artifacts.popleft()
+
+    def _start_monitor(self) -> None:
+        if self._system_metrics and self._monitor is None:
+            self._monitor = system_monitor(self.run_id, self._uri, SYSTEM_METRICS_INTERVAL)
+            self._system_metrics = self._monitor is not None
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):
+                self._monitor.finish()
+            self._monitor = None
 
     def _log_params(self) -> None:
         from mlflow.entities import Param
@@ -299,20 +375,6 @@ class _Worker:
         if self._outage:
             log.info("tracking server at %s reachable again; the backlog has been delivered", self._uri)
         self._outage = False
-
-
-def _create_local_store(path: Path) -> None:
-    """Create the SQLite store under another name and move it into place once MLflow has built its tables:
-    a job killed while MLflow creates them (several transactions) would leave a store it cannot open again."""
-    if path.exists():
-        return
-    from mlflow.tracking import MlflowClient
-
-    tmp = path.with_name(f".{path.name}.init")
-    for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
-        leftover.unlink(missing_ok=True)
-    MlflowClient(f"sqlite:///{tmp}").search_experiments()  # opening the store creates the tables
-    os.replace(tmp, path)
 
 
 def cut_history(path: Path, step: int) -> None:

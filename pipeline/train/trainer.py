@@ -8,6 +8,7 @@ resumes from it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -106,13 +107,14 @@ class Trainer:
         # A run with a checkpoint resumes from it; only a fresh one starts from `init_from`.
         init_from = cfg.train.init_from if checkpoint.latest_tag(self.ckpt_dir) is None else None
         if init_from:
-            check_compatible(cfg.model, init_from)
+            check_compatible(cfg.model, init_from, cfg.train.init_teacher_task)
         torch.manual_seed(cfg.train.seed)  # identical on every rank: the model is initialised alike
         with phase("building the model and the DeepSpeed engine", announce=True):
             model = build_model(lambda: FreeLM(cfg.model), self.ds_config)
             if init_from:
-                stats = load_hf_weights(model, init_from, ps.get_tensor_model_parallel_group())
-                log.info(f"initialised from {init_from}: {stats} on rank 0 (teacher head fresh)")
+                stats = load_hf_weights(model, init_from, ps.get_tensor_model_parallel_group(),
+                                        cfg.train.init_teacher_task)
+                log.info(f"initialised from {init_from}: {stats} on rank 0")
             model.activation_checkpointing = cfg.train.activation_checkpointing
             optimizer, self.optimizer_name = make_optimizer(model, cfg.train, self.ds_config)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -239,24 +241,24 @@ class Trainer:
 
     def _metrics(self, result: StepResult, elapsed: float, applied: bool, lr: float) -> dict[str, float]:
         metrics = dict(result.metrics)
-        metrics["lr"] = lr
+        metrics["train/lr"] = lr
         grad_norm = self.engine.get_global_grad_norm()
         if applied and grad_norm is not None and math.isfinite(grad_norm):
-            metrics["grad_norm"] = float(grad_norm)
-        metrics["throughput/tokens_per_s"] = result.tokens / elapsed
-        metrics["throughput/mfu"] = result.flops / (elapsed * self.peak * dist.get_world_size())
+            metrics["train/grad_norm"] = float(grad_norm)
         metrics["train/skipped_steps"] = float(self.state.skipped_steps)
         if self.fp16:
-            metrics["loss_scale"] = float(self.engine.optimizer.loss_scale)
+            metrics["train/loss_scale"] = float(self.engine.optimizer.loss_scale)
+        metrics["throughput/tokens_per_s"] = result.tokens / elapsed
+        metrics["throughput/mfu_percent"] = 100 * result.flops / (elapsed * self.peak * dist.get_world_size())
         return metrics
 
     def _progress_line(self, metrics: dict[str, float]) -> str:
         shown = [f"step {self.state.step}/{self.train_cfg.steps}"]
-        for key in ("loss/language", "loss/teacher", "teacher/accuracy", "lr", "grad_norm"):
+        for key in ("loss/language", "loss/teacher", "teacher/accuracy", "train/lr", "train/grad_norm"):
             if key in metrics:
-                shown.append(f"{key} {metrics[key]:.4g}")
+                shown.append(f"{key.removeprefix('train/')} {metrics[key]:.4g}")
         shown.append(f"{metrics['throughput/tokens_per_s']:,.0f} tok/s")
-        shown.append(f"MFU {100 * metrics['throughput/mfu']:.1f}%")
+        shown.append(f"MFU {metrics['throughput/mfu_percent']:.1f}%")
         if self.state.consecutive_skips:
             shown.append(f"SKIPPED (non-finite; {self.state.skipped_steps} so far)")
         return " | ".join(shown)
@@ -271,11 +273,20 @@ class Trainer:
     def _tracker(self):
         if dist.get_rank() != 0 or not self.cfg.tracking.enabled:
             return None
+        from pipeline.train.run_info import source_tags
         from pipeline.train.tracking import Tracker
 
-        tracking = self.cfg.tracking
-        return Tracker(self.run_dir, uri=tracking.uri, experiment=tracking.experiment, run_name=tracking.run_name,
-                       params=flatten(to_dict(self.cfg)), resume_step=self.state.step)
+        tracking, parallel = self.cfg.tracking, self.cfg.parallel
+        grid = {"world_size": dist.get_world_size(), "tensor_parallel": parallel.tensor_parallel,
+                "data_parallel": self.dp_size, "zero_stage": self.ds_config.get("zero_optimization", {}).get("stage", 0),
+                "precision": ds_precision(self.ds_config)}
+        ds_json = self.run_dir / "ds_config.json"
+        ds_json.write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        return Tracker(self.run_dir, uri=tracking.uri, experiment=tracking.experiment,
+                       run_name=tracking.run_name or self.run_dir.name, params=flatten(to_dict(self.cfg)),
+                       resume_step=self.state.step, system_metrics=tracking.system_metrics,
+                       tags=source_tags() | {f"freelm.{key}": str(value) for key, value in grid.items()},
+                       artifacts=[self.run_dir / "config.yaml", ds_json])
 
     def _log_start(self) -> None:
         if dist.get_rank() != 0:
