@@ -277,3 +277,29 @@ def test_import_refuses_what_freelm_cannot_represent_naming_the_key(tmp_path, ki
         check_compatible(cfg.model, tmp_path)
     assert str(error.value).startswith(f"train.init_from: {tmp_path / 'config.json'}: cannot be represented: ")
     assert named in str(error.value)
+
+
+class PickledByName:
+    """Pickles as `getattr(owner, name)`, the way Python 3.11.0-3.11.4 pickle enum members."""
+
+    def __init__(self, owner: type, name: str):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_checkpoint_files_from_python_3_11_2_load_and_only_enum_members_come_through_getattr(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from pipeline.checkpoint.consolidate import load_checkpoint_file
+    from pipeline.errors import DataError
+
+    torch.save({"zero_stage": PickledByName(ZeroStageEnum, "weights"), "w": torch.arange(3.0)}, tmp_path / "ok.pt",
+               pickle_protocol=2)
+    loaded = load_checkpoint_file(tmp_path / "ok.pt")
+    assert loaded["zero_stage"] is ZeroStageEnum.weights and loaded["w"].tolist() == [0.0, 1.0, 2.0]
+    torch.save({"x": PickledByName(LossScaler, "__init__")}, tmp_path / "bad.pt", pickle_protocol=2)
+    with pytest.raises(DataError, match="only enum members are read from a checkpoint"):
+        load_checkpoint_file(tmp_path / "bad.pt")

@@ -14,6 +14,7 @@ The tensor-parallel shards are then joined along the dimension megatron-core spl
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import math
 import pickle
@@ -51,6 +52,14 @@ def tensor_parallel_degree(ckpt_dir: str | Path, tag: str | None = None) -> int:
     return 1 + max(int(MP_RANK.search(f.name).group(1)) for f in (ckpt_dir / tag).glob("*mp_rank_*.pt"))
 
 
+def enum_member(cls: type, name: str) -> enum.Enum:
+    """`getattr` as weights-only unpickling may call it: Python 3.11.0-3.11.4 (Debian bookworm's 3.11.2)
+    pickle an enum member as `getattr(cls, name)`. Only an allowed enum class's members are returned."""
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+        raise pickle.UnpicklingError(f"getattr on {cls!r}: only enum members are read from a checkpoint")
+    return cls[name]
+
+
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
     """A DeepSpeed checkpoint file, memory-mapped: tensors are read from disk only where they are used.
     Weights-only unpickling, with the few DeepSpeed classes its files hold allowed."""
@@ -58,8 +67,9 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, (enum_member, "builtins.getattr")]
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: not found (an incomplete checkpoint?)") from None
