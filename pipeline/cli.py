@@ -56,10 +56,14 @@ def report_tokenizer(tok, out: str) -> None:
 
 
 def tokenizer_train(args: argparse.Namespace) -> None:
-    from pipeline.data.corpus import expand_inputs
+    from pipeline.data.readers import expand_inputs, source_kind
     from pipeline.data.tokenizer import train_sentencepiece
 
-    report_tokenizer(train_sentencepiece(expand_inputs(args.input), args.out, args.vocab_size, args.sample_lines), args.out)
+    files = expand_inputs(args.input)
+    if other := [str(f) for f in files if source_kind(f) != "text"]:
+        raise DataError(f"tokenizer train reads plain-text files (one sentence per line), not {', '.join(other[:3])}"
+                        f"{' ...' if len(other) > 3 else ''}: give it text files or a sample of your corpus as text")
+    report_tokenizer(train_sentencepiece(files, args.out, args.vocab_size, args.sample_lines), args.out)
 
 
 def tokenizer_import(args: argparse.Namespace) -> None:
@@ -73,9 +77,11 @@ def tokenizer_import(args: argparse.Namespace) -> None:
 def data_corpus(args: argparse.Namespace) -> None:
     from pipeline.data.corpus import build_corpus
 
-    stats = build_corpus(args.input, args.tokenizer, args.out, args.text_field, args.workers)
-    print(f"{stats.documents:,} documents, {stats.tokens:,} tokens in {stats.seconds:.1f}s "
-          f"({stats.tokens_per_s:,.0f} tokens/s) -> {args.out}.bin/.idx")
+    stats = build_corpus(args.input, args.tokenizer, args.out, args.text_field, args.workers, args.on_error)
+    print(f"{stats.documents:,} documents, {stats.tokens:,} tokens, {stats.skipped_records:,} records skipped "
+          f"in {stats.seconds:.1f}s ({stats.tokens_per_s:,.0f} tokens/s) -> {args.out}.bin/.idx")
+    for path, count in stats.skipped.items():
+        print(f"  skipped {count:,} in {path}; first: {stats.first_skipped[path]}")
 
 
 def data_tasks(args: argparse.Namespace) -> None:
@@ -103,12 +109,16 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from pipeline.eval.report import format_table, log_to_mlflow, write_json
     from pipeline.eval.run import evaluate_run
 
     only = args.only.split(",") if args.only else None
+    if args.mlflow and not (Path(args.checkpoint) / "mlflow_run.json").is_file():
+        raise ConfigError(f"--mlflow logs to a training run's MLflow run: {args.checkpoint} has no mlflow_run.json")
     run = evaluate_run(args.checkpoint, args.tasks, args.split, only, args.limit, args.heldout, args.batch_tokens,
-                       args.seed)
+                       args.seed, args.task_id)
     if not run.main:
         return
     print(format_table(run.tasks))
@@ -124,8 +134,9 @@ def evaluate(args: argparse.Namespace) -> None:
 def export_hf(args: argparse.Namespace) -> None:
     from pipeline.hf.export import export_hf as export
 
-    out = export(args.checkpoint, args.out, args.tag, args.dtype)
-    print(f"exported {args.checkpoint} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained, "
+    out = export(args.checkpoint, args.out, args.tag, args.dtype, layout=args.format)
+    authors = " in the FreeLM authors' layout" if args.format == "freelm" else ""
+    print(f"exported {args.checkpoint} -> {out}{authors} (load with transformers.AutoModelForCausalLM.from_pretrained, "
           f"or pipeline.hf.export.from_pretrained for the LM with its teacher head)")
 
 
@@ -180,11 +191,16 @@ def parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare the two data streams").add_subparsers(
         dest="action", required=True, metavar="ACTION")
-    corpus = data.add_parser("corpus", help="text / JSONL -> megatron indexed dataset (.bin/.idx)")
-    corpus.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl: one document per line)")
+    corpus = data.add_parser("corpus", help="JSONL / Parquet / datasets / text -> megatron indexed dataset (.bin/.idx)")
+    corpus.add_argument("--input", nargs="+", required=True,
+                        help="files, globs or directories: .jsonl/.json (one document per line, also .gz/.zst), "
+                             ".parquet, a datasets save_to_disk directory, or plain text (one document per file); "
+                             "directories are walked in sorted order for these (plain text there: *.txt)")
     corpus.add_argument("--tokenizer", required=True, help="tokenizer directory")
     corpus.add_argument("--out", required=True, help="output prefix")
-    corpus.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    corpus.add_argument("--text-field", default="text", help="JSON field or Parquet/datasets column of the text")
+    corpus.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                        help="a malformed record: stop naming file:line / file:row N (fail), or skip and count it")
     corpus.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     corpus.set_defaults(func=data_corpus)
     tasks = data.add_parser("tasks", help="declared tasks -> tokenized true/false propositions")
@@ -204,7 +220,11 @@ def parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="zero-shot proposition scoring, LM-only and majority baselines, perplexity "
                                      "(one process, or start with torchrun, the deepspeed launcher or srun)")
-    ev.add_argument("--checkpoint", required=True, help="a training run directory (config.yaml + checkpoints/)")
+    ev.add_argument("--checkpoint", required=True,
+                    help="a training run directory (config.yaml + checkpoints/), or a Hugging Face directory: one "
+                         "in the FreeLM authors' layout (num_multi_task_labels, mtc_head) or a freelm export-hf one")
+    ev.add_argument("--task-id", type=int, default=None,
+                    help="FreeLM authors' layout: the (binary) task whose mtc_head scores propositions (default 0)")
     ev.add_argument("--tasks", required=True, help="tasks YAML, e.g. recipes/tasks.yaml")
     ev.add_argument("--split", default="dev")
     ev.add_argument("--only", default=None, help="comma-separated task names")
@@ -224,6 +244,9 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--tag", default=None, help="checkpoint tag, e.g. step_00000200 (default: the latest)")
     exp.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                      help="weights' precision (default: the one the run trained in)")
+    exp.add_argument("--format", choices=("hf", "freelm"), default="hf",
+                     help="hf: stock transformers (default); freelm: also the FreeLM authors' layout (GPT-2 block "
+                          "only): the teacher head as mtc_head.weight, num_multi_task_labels \"2\" in config.json")
     exp.set_defaults(func=export_hf)
 
     dem = sub.add_parser("demo", help="end to end on generated data: tokenizer, both streams, ZeRO-3 training on "

@@ -1,104 +1,67 @@
-"""Raw text -> megatron-core indexed dataset (`PREFIX.bin` / `PREFIX.idx`), tokenized by worker processes.
+"""Corpus files -> megatron-core indexed dataset (`PREFIX.bin` / `PREFIX.idx`), tokenized by worker processes.
 
-A `.jsonl` file holds one document per line (its `text_field`); any other file is one plain-text document.
-Plain text is cut into ~1 MiB pieces after a newline so that workers share large files; the pieces of a
-document are joined again in order (newline is a piece of its own in trained tokenizers, so cutting after
-one does not change the tokens). Every document ends with the tokenizer's eos id.
+`readers` streams the inputs (JSON lines, plain or `.gz` / `.zst`; Parquet; saved `datasets`; plain text) as
+batches of ~1 MiB or 1024 records, one source after another. The main process only reads and splits; a
+spawn pool parses, checks and tokenizes the batches, with at most `IN_FLIGHT x workers` batches queued (so
+memory stays bounded however fast the reading is), and the results are written in input order. The output
+therefore depends neither on the number of workers nor on the format the records came in. Every document
+ends with the tokenizer's eos id.
+
+A malformed record stops the build with a DataError naming `file:LINE` (JSON lines) or `file:row N`
+(Parquet, datasets) and removes the partial output; with `on_error="skip"` it is left out and counted per
+file. A corrupt compressed stream counts as one bad record and ends that file.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import multiprocessing as mp
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.data.readers import Batch, batch_texts, expand_inputs, open_sources, read_batches
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
-PIECE_BYTES = 1 << 20
-JSONL_BATCH = 256
+IN_FLIGHT = 4
+ON_ERROR = ("fail", "skip")
 
 
 @dataclass
 class CorpusStats:
+    """What a build wrote; `skipped` maps a file to its count of skipped records, `first_skipped` to the
+    message of the first."""
+
     documents: int
     tokens: int
     seconds: float
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
 
+    @property
+    def skipped_records(self) -> int:
+        return sum(self.skipped.values())
 
-@dataclass(frozen=True)
-class Piece:
-    """A unit of work: texts in order; `last` marks the final piece of each text's document."""
 
-    texts: list[str]
-    last: list[bool]
+@dataclass
+class Encoded:
+    """A batch's token ids (good records only), its bad records' messages, and the file it came from."""
+
+    path: str
+    ids: list[list[int]]
+    errors: list[str]
     nbytes: int
-
-
-def expand_inputs(patterns: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        for name in matched:
-            if not Path(name).is_file():
-                raise DataError(f"{name}: no such input file")
-            files.append(Path(name))
-    if not files:
-        raise DataError(f"no input files match {list(patterns)}")
-    return files
-
-
-def read_pieces(files: Sequence[Path], text_field: str) -> Iterator[Piece]:
-    for path in files:
-        if path.suffix == ".jsonl":
-            yield from jsonl_pieces(path, text_field)
-        else:
-            yield from text_pieces(path)
-
-
-def text_pieces(path: Path) -> Iterator[Piece]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        chunk = f.read(PIECE_BYTES)
-        while chunk:
-            nxt = f.read(PIECE_BYTES)
-            if nxt and not chunk.endswith("\n") and "\n" in nxt:
-                cut = nxt.index("\n") + 1
-                chunk, nxt = chunk + nxt[:cut], nxt[cut:]
-            yield Piece([chunk], [not nxt], len(chunk))
-            chunk = nxt
-
-
-def jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
-    texts: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[text_field]
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
-            except (KeyError, TypeError):
-                raise DataError(f"{path}:{line_no}: no {text_field!r} field") from None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{line_no}: field {text_field!r} is not a string")
-            texts.append(text)
-            if len(texts) == JSONL_BATCH:
-                yield Piece(texts, [True] * len(texts), sum(map(len, texts)))
-                texts = []
-    if texts:
-        yield Piece(texts, [True] * len(texts), sum(map(len, texts)))
+    ends_document: bool
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -109,36 +72,66 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
-def _encode(piece: Piece) -> tuple[list[list[int]], Piece]:
-    return _worker_tokenizer.encode_batch(piece.texts), piece
+def _encode(batch: Batch) -> Encoded:
+    texts, errors = batch_texts(batch)
+    ids = _worker_tokenizer.encode_batch(texts) if texts else []
+    return Encoded(batch.path, ids, errors, batch.nbytes, batch.ends_document)
+
+
+def _in_order(pool: Pool, batches: Iterable[Batch], window: int) -> Iterator[Encoded]:
+    """`_encode` over `batches` in the pool, results in input order, at most `window` batches queued."""
+    queued: deque = deque()
+    for batch in batches:
+        queued.append(pool.apply_async(_encode, (batch,)))
+        if len(queued) >= window:
+            yield queued.popleft().get()
+    while queued:
+        yield queued.popleft().get()
 
 
 def build_corpus(
-    inputs: Sequence[str], tokenizer_dir: str | Path, out_prefix: str | Path, text_field: str = "text", workers: int = 2
+    inputs: Sequence[str], tokenizer_dir: str | Path, out_prefix: str | Path, text_field: str = "text",
+    workers: int = 2, on_error: str = "fail",
 ) -> CorpusStats:
-    """Tokenize `inputs` (files or globs) with `workers` processes and write `out_prefix.{bin,idx}`."""
+    """Tokenize `inputs` (files, globs or directories; formats in `readers`) with `workers` processes and
+    write `out_prefix.{bin,idx}`. `on_error` is "fail" or "skip" (malformed records)."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
 
-    files = expand_inputs(inputs)
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}")
+    if workers < 1:
+        raise ConfigError(f"workers: {workers} (need at least 1)")
+    sources = open_sources(expand_inputs(inputs), text_field)
     tokenizer = load_tokenizer(tokenizer_dir)
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    builder = IndexedDatasetBuilder(get_bin_path(str(out_prefix)), dtype=dtype)
-    documents = tokens = 0
+    bin_path = Path(get_bin_path(str(out_prefix)))
+    builder = IndexedDatasetBuilder(str(bin_path), dtype=dtype)
+    stats = CorpusStats(documents=0, tokens=0, seconds=0.0)
     pending: list[np.ndarray] = []
+    eos = np.asarray([tokenizer.special.eos], dtype=dtype)
     start = time.perf_counter()
-    total_bytes = sum(f.stat().st_size for f in files)
-    with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir),)) as pool, tqdm(
-        total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", mininterval=1.0
-    ) as bar:
-        for encoded, piece in pool.imap(_encode, read_pieces(files, text_field), chunksize=1):
-            for ids, last in zip(encoded, piece.last):
-                pending.append(np.asarray(ids, dtype=dtype))
-                if last:
-                    pending.append(np.asarray([tokenizer.special.eos], dtype=dtype))
-                    doc = np.concatenate(pending)
-                    builder.add_document(doc, [doc.size])
-                    documents, tokens, pending = documents + 1, tokens + doc.size, []
-            bar.update(piece.nbytes)
+    try:
+        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir),)) as pool, tqdm(
+            total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="tokenizing", mininterval=1.0
+        ) as bar:
+            for result in _in_order(pool, read_batches(sources, text_field), IN_FLIGHT * workers):
+                if result.errors:
+                    if on_error == "fail":
+                        raise DataError(result.errors[0])
+                    stats.skipped[result.path] = stats.skipped.get(result.path, 0) + len(result.errors)
+                    stats.first_skipped.setdefault(result.path, result.errors[0])
+                for k, ids in enumerate(result.ids):
+                    pending.append(np.asarray(ids, dtype=dtype))
+                    if result.ends_document or k < len(result.ids) - 1:
+                        doc = np.concatenate([*pending, eos])
+                        builder.add_document(doc, [doc.size])
+                        stats.documents, stats.tokens, pending = stats.documents + 1, stats.tokens + doc.size, []
+                bar.update(result.nbytes)
+    except BaseException:
+        builder.data_file.close()
+        bin_path.unlink(missing_ok=True)
+        raise
     builder.finalize(get_idx_path(str(out_prefix)))
-    return CorpusStats(documents=documents, tokens=tokens, seconds=time.perf_counter() - start)
+    stats.seconds = time.perf_counter() - start
+    return stats

@@ -1,11 +1,13 @@
-"""`freelm eval`: zero-shot evaluation of a training run, on one process or a TP x DP grid of them.
+"""`freelm eval`: zero-shot evaluation of a training run or a Hugging Face directory (the FreeLM authors'
+layout, or a `freelm export-hf` export), on one process or a TP x DP grid of them.
 
 Launched like training (torchrun, the deepspeed launcher, srun, or plain). The grid: when the world size is
 a multiple of the checkpoint's TP degree, the model is built at that degree and each rank loads only its
 own TP shard; the other world / TP ranks are data-parallel. Otherwise (one process included) every rank
 loads the whole model (TP=1) and all ranks are data-parallel. Batches are dealt to the data-parallel ranks
 and the scores gathered, so every grid gives the one-process numbers. Each rank runs on its own device: the
-CUDA device of its local rank (NCCL) in the checkpoint's training precision, or the CPU (gloo) in fp32.
+CUDA device of its local rank (NCCL) in the checkpoint's training precision, or the CPU (gloo) in fp32. A
+Hugging Face directory loads whole (TP=1) on every rank; its propositions are cut to its positions.
 """
 
 from __future__ import annotations
@@ -81,9 +83,11 @@ def evaluate_tasks(
 def evaluate_run(
     run_dir: str | Path, tasks_yaml: str | Path, split: str, only: Sequence[str] | None = None,
     limit: int | None = None, heldout: str | Path | None = None, batch_tokens: int | None = None, seed: int = 0,
+    task_id: int | None = None,
 ) -> Evaluation:
-    """A training run's latest checkpoint scored on `split` by every process of the launch (each returns
-    the same results: the `limit` samples are drawn alike), and the perplexity of `heldout` when given."""
+    """A training run's latest checkpoint, or a Hugging Face directory (`task_id`: the authors' task whose head
+    scores, default 0), scored on `split` by every process of the launch (each returns the same results: the
+    `limit` samples are drawn alike), and the perplexity of `heldout` when given."""
     if batch_tokens is not None and batch_tokens < 1:
         raise ConfigError(f"--batch-tokens must be at least 1, got {batch_tokens}")
     if limit is not None and limit < 1:
@@ -91,17 +95,26 @@ def evaluate_run(
     from megatron.core import parallel_state as ps
 
     from pipeline.checkpoint.consolidate import tensor_parallel_degree
-    from pipeline.eval.load import load_trained
+    from pipeline.eval.load import TASK_OPTION, checkpoint_kind, load_hf_dir, load_trained
     from pipeline.parallel.distributed import destroy_parallel, init_parallel, launch_env
 
-    checkpoint_tp = tensor_parallel_degree(Path(run_dir) / "checkpoints")
+    hf = checkpoint_kind(run_dir) == "hf"
+    if task_id is not None and not hf:
+        raise ConfigError(f"{TASK_OPTION} picks a task of a Hugging Face checkpoint in the FreeLM authors' layout; "
+                          f"{run_dir} is a training run directory")
+    checkpoint_tp = 1 if hf else tensor_parallel_degree(Path(run_dir) / "checkpoints")
     tp = grid_tp(launch_env().world_size, checkpoint_tp)
     launch = init_parallel(tp)
     try:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         main = launch.rank == 0
         started = time.perf_counter()
-        model, tokenizer, cfg = load_trained(run_dir, tp, device)
+        if hf:
+            model, tokenizer = load_hf_dir(run_dir, device, task_id)
+            max_len = model.cfg.max_seq_len
+        else:
+            model, tokenizer, cfg = load_trained(run_dir, tp, device)
+            max_len = cfg.data.seq_len
         dp = ps.get_data_parallel_world_size()
         dtype = str(model.embed.weight.dtype).removeprefix("torch.")
         setup = f"world {launch.world_size} = TP {tp} x DP {dp} (checkpoint TP {checkpoint_tp}); {device.type}, {dtype}"
@@ -110,14 +123,13 @@ def evaluate_run(
         placement = Placement(device, ps.get_data_parallel_rank(), dp, ps.get_data_parallel_group(), progress=main)
         batching = Batching(batch_tokens or BATCH_TOKENS[device.type])
         started = time.perf_counter()
-        results = evaluate_tasks(model, tokenizer, tasks_yaml, split, cfg.data.seq_len, placement, batching,
-                                 only, limit, seed)
+        results = evaluate_tasks(model, tokenizer, tasks_yaml, split, max_len, placement, batching, only, limit, seed)
         rate = sum(r.n for r in results) / (time.perf_counter() - started)
         ppl = None
         if heldout:
             ids = np.asarray(tokenizer.encode(Path(heldout).read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
             try:
-                ppl = perplexity(model, ids, cfg.data.seq_len, placement, batching)
+                ppl = perplexity(model, ids, max_len, placement, batching)
             except ValueError as err:
                 raise DataError(f"{heldout}: {err}") from None
     finally:
