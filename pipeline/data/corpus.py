@@ -23,11 +23,11 @@ from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.data.readers import Batch, batch_texts, expand_inputs, open_sources, read_batches
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.errors import ConfigError, DataError
+from pipeline.progress import progress
 
 IN_FLIGHT = 4
 ON_ERROR = ("fail", "skip")
@@ -112,7 +112,7 @@ def build_corpus(
     eos = np.asarray([tokenizer.special.eos], dtype=dtype)
     start = time.perf_counter()
     try:
-        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir),)) as pool, tqdm(
+        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir),)) as pool, progress(
             total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="tokenizing", mininterval=1.0
         ) as bar:
             for result in _in_order(pool, read_batches(sources, text_field), IN_FLIGHT * workers):

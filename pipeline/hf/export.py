@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.config import load_config
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
@@ -24,6 +23,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.hf.convert import hf_config, to_hf
 from pipeline.hf.freelm_format import MTC_HEAD, TASKS_KEY, mtc_from_teacher
 from pipeline.model.config import ModelConfig
+from pipeline.progress import progress
 
 TEACHER_FILE = "teacher_head.safetensors"
 META_FILE = "freelm.json"
@@ -71,7 +71,8 @@ def export_hf(run_dir: str | Path, out: str | Path, tag: str | None = None, dtyp
         plan.update({hf_name: t.shape for hf_name, t in converted(name, torch.empty(shape, device="meta")).items()})
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     with SafetensorsWriter(out, plan, torch_dtype, max_shard_bytes) as writer:  # the tied LM head is not stored
-        for name, tensor in tqdm(checkpoint.parameters(), total=len(checkpoint.shapes), desc="export", unit="tensor"):
+        tensors = progress(checkpoint.parameters(), total=len(checkpoint.shapes), desc="export", unit="tensor")
+        for name, tensor in tensors:
             if name == TEACHER:
                 save_file({"weight": tensor.to(torch_dtype).contiguous()}, out / TEACHER_FILE)
             for hf_name, hf_tensor in converted(name, tensor).items():
