@@ -28,7 +28,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
     saved = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())
     logged = MlflowClient(saved["tracking_uri"]).get_run(saved["run_id"]).data.metrics
-    assert "loss/language" in logged and all(f"eval/dev/{name}/accuracy" in logged for name in tasks)
+    assert "loss/language" in logged and all(f"zeroshot/dev/{name}/accuracy" in logged for name in tasks)
     assert f"mlflow ui --backend-store-uri {saved['tracking_uri']}" in out.stdout
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
     assert type(lm).__name__ == "GPT2LMHeadModel"
