@@ -1,18 +1,24 @@
-"""The FreeLM replication at CPU scale: does the teacher signal buy zero-shot GLUE accuracy over a plain LM?
+"""The FreeLM replication at CPU scale: does the teacher head learn real tasks, and what does it cost the LM?
 
-Compared, both from recipes/replication.yaml (one ~18M-parameter GPT-2 block, fp32 ZeRO-3, same seed and LR
-schedule):
-  freelm   language signal on 13 Project Gutenberg books + teacher signal on the GLUE train splits of SST-2,
-           CoLA, MRPC and RTE, interactive 1:1 schedule (the paper's);
-  lm_only  the language signal alone on the same books (train.teacher_steps=0).
-Same compute rule: lm_only gets the SAME number of optimizer steps as freelm, all of them language steps, so it
-sees at least as much compute (a language step is 4,096 tokens, a teacher step 32 propositions of ~39 tokens).
-Both are then scored zero-shot on the GLUE dev sets (1k examples of each, the full set where smaller; the
-paper's protocol) by `freelm eval`: FreeLM by its teacher head, and both by LM likelihood of each candidate's
-proposition (the GPT-3 way; lm_only's teacher head is untrained), with perplexity on a held-out book.
+Three models from recipes/replication.yaml (a ~3.5M-parameter GPT-2 block; same data, seed, LR schedule and
+number of optimizer steps):
+  interactive    FreeLM, the paper's schedule: language and teacher steps alternate 1:1;
+  mixed          FreeLM, one backward per step of language + teacher loss (weights 1 and 1);
+  language_only  the language signal alone (train.teacher_steps=0): every step a language step.
+Language signal: 13 Project Gutenberg books. Teacher signal: the GLUE train splits of SST-2, CoLA, MRPC, RTE,
+STS-B (binarised at 3.0) and TREC, as true/false propositions (recipes/tasks.yaml).
 
-Usage: python benchmarks/replication.py [--out runs/replication] [--steps N] [--limit 1000]
-Writes OUT/replication.json and each phase's full log in OUT/*.log; data prep in OUT/data is reused.
+Scored zero-shot by `freelm eval` on the GLUE dev sets (a seeded sample of 1,000 examples per task, the
+whole set where smaller) and on all 2,000 movie reviews of ../shared/data (never trained on; SST-2's
+proposition template): the teacher head of the two FreeLM models, LM likelihood of each candidate's
+proposition for all three, the majority class of the train split, 95% Wilson intervals, F1 / MCC, and
+perplexity on a held-out book. Targets (from the issue): on SST-2 dev the interactive model's teacher head
+at least 20 points above the majority class and the best LM-likelihood score, on the movie reviews at
+least 5 points above both, with non-overlapping intervals.
+
+Usage: python benchmarks/replication.py [--out runs/replication] [--steps N]
+Writes OUT/results.md, OUT/results.json and OUT/loss_curves.png (also logged to each model's MLflow run),
+each phase's full log in OUT/*.log; data prepared in OUT/data is reused by a rerun.
 """
 
 from __future__ import annotations
@@ -25,33 +31,34 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import yaml
 
 from pipeline.parallel.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "replication.yaml"
+TASKS_YAML = REPO / "recipes" / "tasks.yaml"
 BOOKS = REPO.parent / "shared" / "data" / "lm" / "gutenberg_nltk"
-HELDOUT = BOOKS / "austen-persuasion.txt"  # never seen by the tokenizer or either model
-TASKS = "sst2,cola,mrpc,rte"
-# 2 processes x 1 thread (DP=2, ZeRO-3) measured faster than 1 process x 2 threads here (see the report).
-NPROCS, THREADS = 2, 1
+HELDOUT = BOOKS / "austen-persuasion.txt"  # seen by neither the tokenizer nor any model
+GLUE = ("sst2", "cola", "mrpc", "rte", "stsb", "trec")
+TRANSFER = "movie_reviews"
+MODELS = {"interactive": [], "mixed": ["train.schedule=mixed"], "language_only": ["train.teacher_steps=0"]}
+FREELM = ("interactive", "mixed")
+NPROCS = 2  # 2 processes x 1 thread (DP=2): faster here than 1 process x 2 threads
+SHOWN = re.compile(r"freelm\.train: (step \d+/|grid|model|schedule)|^(task|\w+ +\d+|perplexity)|tokens in|tokenizer:")
 
 
-def run(cmd: list[str], log: Path, show: re.Pattern | None = None, threads: int = 2) -> str:
-    """Run a CLI command, streaming the lines matching `show` (all if None); the full output goes to `log`."""
+def run(cmd: list[str], log: Path, threads: int = 2) -> str:
+    """Run a command, streaming its progress lines (SHOWN); the full output goes to `log`."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}
     lines = []
     with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             lines.append(line)
-            if show is None or show.search(line):
-                print("   ", line.rstrip()[-160:], flush=True)
+            if SHOWN.search(line):
+                print("   ", line.rstrip()[-150:], flush=True)
     log.write_text("".join(lines))
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(lines[-40:])}")
@@ -62,118 +69,195 @@ def freelm(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *args]
 
 
-def prepare(data: Path, out: Path) -> None:
-    """Tokenizer and corpus from the training books only; GLUE train propositions. Skipped when present."""
+def prepare(data: Path, out: Path) -> dict:
+    """Tokenizer and corpus from the training books only; the tasks' train propositions. Reused when present."""
     books = sorted(str(p) for p in BOOKS.glob("*.txt") if p != HELDOUT)
     steps = [
         (data / "tok", ["tokenizer", "train", "--input", *books, "--vocab-size", "8000", "--out", str(data / "tok")]),
         (data / "lm" / "gutenberg.idx", ["data", "corpus", "--input", *books, "--tokenizer", str(data / "tok"),
                                          "--out", str(data / "lm" / "gutenberg"), "--workers", "2"]),
-        (data / "teacher" / "train.idx", ["data", "tasks", "--config", "recipes/tasks.yaml", "--split", "train",
-                                          "--only", TASKS, "--tokenizer", str(data / "tok"),
-                                          "--out", str(data / "teacher"), "--max-len", "128"]),
+        (data / "teacher" / "train.idx", ["data", "tasks", "--config", str(TASKS_YAML), "--split", "train",
+                                          "--only", ",".join(GLUE), "--tokenizer", str(data / "tok"),
+                                          "--out", str(data / "teacher"), "--max-len", "64"]),
     ]
     for output, args in steps:
         if output.exists():
             print(f"    {output} present, reused")
         else:
-            run(freelm(*args), out / f"prep_{args[1]}.log", re.compile(r"tokens in|tokenizer:|^\w+ +\d"))
-    print(f"    {len(books)} training books; held out: {HELDOUT.name}")
+            run(freelm(*args), out / f"prep_{args[0]}_{args[1]}.log")
+    return json.loads((data / "teacher" / "train.summary.json").read_text())["tasks"]
 
 
-def train(name: str, out: Path, data: Path, steps: int | None, extra: list[str]) -> dict:
+def train(name: str, out: Path, data: Path, steps: int | None) -> dict:
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one
     overrides = [f"train.run_dir={run_dir}", f"data.tokenizer={data / 'tok'}", f"data.corpora=[{data / 'lm' / 'gutenberg'}]",
-                 f"data.teacher={data / 'teacher' / 'train'}", *([f"train.steps={steps}"] if steps else []), *extra]
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(NPROCS), "--master_port", str(free_port()),
-                "--module", "pipeline.cli", "train", "--config", str(RECIPE), *overrides]
-    log = run(launcher, out / f"train_{name}.log", re.compile(r"freelm\.train: (step|grid|model|schedule|checkpoint)"), THREADS)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+                 f"data.teacher={data / 'teacher' / 'train'}", *([f"train.steps={steps}"] if steps else []), *MODELS[name]]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(NPROCS), "--master_port",
+                str(free_port()), "--module", "pipeline.cli", "train", "--config", str(RECIPE), *overrides]
+    log = run(launcher, out / f"train_{name}.log", threads=1)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    language = [r["loss/language"] for r in rows if "loss/language" in r]
-    teacher = [r for r in rows if "loss/teacher" in r]
-    t = cfg["train"]
-    dp = NPROCS * t["grad_accum"]
-    props = len(np.load(data / "teacher" / "train.meta.npy", mmap_mode="r"))  # the .bin holds uint16 ids (vocab 8000)
-    mean_prop = (data / "teacher" / "train.bin").stat().st_size / 2 / props
+    language = [r for r in rows if r.get("loss/language") is not None]
+    teacher = [r for r in rows if r.get("loss/teacher") is not None]
+    last = max(1, len(rows) // 10)
     return {
         "params": int(re.search(r"model: ([\d,]+) params", log).group(1).replace(",", "")),
         "steps": len(rows), "language_steps": len(language), "teacher_steps": len(teacher),
-        "language_tokens": len(language) * dp * t["micro_batch"] * cfg["data"]["seq_len"],
-        "teacher_propositions": len(teacher) * dp * t["teacher_micro_batch"],
-        "teacher_tokens_approx": round(len(teacher) * dp * t["teacher_micro_batch"] * mean_prop),
-        "final_language_loss": sum(language[-10:]) / max(len(language[-10:]), 1),
-        "final_teacher_accuracy": sum(r["teacher/accuracy"] for r in teacher[-10:]) / max(len(teacher[-10:]), 1)
-        if teacher else None,
+        "language_sequences": len(language) * NPROCS * cfg["micro_batch"] * cfg["grad_accum"],
+        "teacher_propositions": len(teacher) * NPROCS * cfg["teacher_micro_batch"] * cfg["grad_accum"],
+        "final_language_loss": mean(r["loss/language"] for r in language[-last:]),
+        "final_teacher_loss": mean(r["loss/teacher"] for r in teacher[-last:]) if teacher else None,
+        "curves": {"step": [r["step"] for r in rows], "language": [r.get("loss/language") for r in rows],
+                   "teacher": [r.get("loss/teacher") for r in rows]},
     }
 
 
-def evaluate(name: str, out: Path, limit: int) -> dict:
-    report = out / f"eval_{name}.json"
-    print("    scoring both candidates of each example, teacher head and LM likelihood (silent for minutes)", flush=True)
-    run(freelm("eval", "--checkpoint", str(out / name), "--tasks", "recipes/tasks.yaml", "--split", "dev",
-               "--only", TASKS, "--limit", str(limit), "--heldout", str(HELDOUT), "--json", str(report)),
-        out / f"eval_{name}.log", re.compile(r"^(task|\w+ +\d|perplexity)"))
-    return json.loads(report.read_text())
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def evaluate(name: str, out: Path) -> dict:
+    """GLUE dev (1,000 per task, seed 0) with held-out perplexity, then all movie reviews; logged to MLflow."""
+    reports = []
+    for only, extra in ((",".join(GLUE), ["--limit", "1000", "--heldout", str(HELDOUT)]), (TRANSFER, [])):
+        report = out / f"eval_{name}_{only.split(',')[0]}.json"
+        run(freelm("eval", "--checkpoint", str(out / name), "--tasks", str(TASKS_YAML), "--split", "dev",
+                   "--only", only, "--json", str(report), "--mlflow", *extra), report.with_suffix(".log"))
+        reports.append(json.loads(report.read_text()))
+    return {"tasks": {row["task"]: row for report in reports for row in report["tasks"]},
+            "perplexity": reports[0]["perplexity"]}
+
+
+def cell(row: dict, key: str) -> str:
+    ci = row[f"{key}_ci"]
+    return f"{row[key]:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
 def table(results: dict) -> str:
-    free, base = ({r["task"]: r for r in results[m]["eval"]["tasks"]} for m in ("freelm", "lm_only"))
-    lines = [f"{'task':<6}{'n':>6}{'majority':>10}{'FreeLM teacher head':>26}{'FreeLM LM-lik.':>16}{'LM-only LM-lik.':>17}"]
-    for task, r in free.items():
-        head = f"acc {r['accuracy']:.3f}" + {"mrpc": f" F1 {r['f1']:.3f}", "cola": f" MCC {r['mcc']:+.3f}"}.get(task, "")
-        lines.append(f"{task:<6}{r['n']:>6}{r['majority']:>10.3f}{head:>26}"
-                     f"{r['lm_only']:>16.3f}{base[task]['lm_only']:>17.3f}")
-    ppl = {m: results[m]["eval"]["perplexity"] for m in ("freelm", "lm_only")}
-    lines.append(f"perplexity on held-out {HELDOUT.name}: FreeLM {ppl['freelm']:.2f}, LM-only {ppl['lm_only']:.2f}")
+    """Markdown: one row per task, the baselines and the three models' scores with their intervals."""
+    head = ["task", "n", "majority (train)", "interactive: head", "mixed: head", "interactive: LM-lik.",
+            "mixed: LM-lik.", "language-only: LM-lik.", "interactive: F1 / MCC"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task in (*GLUE, TRANSFER):
+        rows = {m: results[m]["eval"]["tasks"][task] for m in MODELS}
+        a = rows["interactive"]
+        f1 = "-" if a["f1"] is None else f"{a['f1']:.3f} / {a['mcc']:+.3f}"
+        lines.append("| " + " | ".join([task, str(a["n"]), cell(a, "majority"), cell(a, "accuracy"),
+                                        cell(rows["mixed"], "accuracy"), *(cell(rows[m], "lm_only") for m in MODELS),
+                                        f1]) + " |")
+    ppl = ", ".join(f"{m} {results[m]['eval']['perplexity']:.2f}" for m in MODELS)
+    lines.append(f"\nPerplexity on the held-out {HELDOUT.name}: {ppl}.")
     return "\n".join(lines)
+
+
+def target(results: dict, task: str, margin: float) -> tuple[bool, str]:
+    """Whether the interactive model's teacher head beats the majority class and every model's LM likelihood
+    by `margin`, with its interval above theirs."""
+    rows = {m: results[m]["eval"]["tasks"][task] for m in MODELS}
+    head = rows["interactive"]
+    rivals = [("majority", head["majority"], head["majority_ci"])] + [
+        (f"{m} LM-lik.", rows[m]["lm_only"], rows[m]["lm_only_ci"]) for m in MODELS]
+    name, best, best_ci = max(rivals, key=lambda r: r[1])
+    met = head["accuracy"] >= best + margin and head["accuracy_ci"]["low"] > max(r[2]["high"] for r in rivals)
+    return met, (f"{task}: interactive teacher head {head['accuracy']:.3f} vs best baseline {name} {best:.3f} "
+                 f"(+{head['accuracy'] - best:.3f}; target +{margin:.2f} with non-overlapping 95% intervals): "
+                 f"{'MET' if met else 'NOT MET'}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lang, teach) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in MODELS:
+        curves = results[name]["train"]["curves"]
+        for axis, key in ((lang, "language"), (teach, "teacher")):
+            points = [(s, v) for s, v in zip(curves["step"], curves[key]) if v is not None]
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, smooth(values), label=name)
+    for axis, title in ((lang, "language loss (next-token CE)"), (teach, "teacher loss (proposition CE)")):
+        axis.set(title=title, xlabel="optimizer step")
+        axis.legend()
+        axis.grid(alpha=0.3)
+    teach.axhline(0.6931, color="grey", linestyle=":", linewidth=1)  # ln 2: chance for true/false
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def smooth(values, window: int = 10) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def log_artifacts(out: Path, files: list[Path]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    for name in MODELS:
+        saved = json.loads((out / name / "mlflow_run.json").read_text())
+        client = MlflowClient(saved["tracking_uri"])
+        for file in files:
+            client.log_artifact(saved["run_id"], str(file), "replication")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "replication")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default: the recipe's)")
-    parser.add_argument("--limit", type=int, default=1000, help="dev examples per task (the paper: 1000)")
     args = parser.parse_args()
     out, data = args.out.resolve(), args.out.resolve() / "data"
     out.mkdir(parents=True, exist_ok=True)
     phases: dict[str, float] = {}
-    load: dict[str, float] = {"start": os.getloadavg()[0]}  # 1-minute load average; > 2 means a shared machine
-    results: dict[str, dict] = {}
     start = time.perf_counter()
 
-    def phase(name: str, fn: Callable[..., Any], *a: Any) -> Any:
+    def phase(name: str, fn, *a):
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         value = fn(*a)
-        phases[name], load[name] = round(time.perf_counter() - t0, 1), os.getloadavg()[0]
-        print(f"   {name}: {phases[name]:.0f}s (load average {load[name]:.2f})", flush=True)
+        phases[name] = round(time.perf_counter() - t0, 1)
+        print(f"   {name}: {phases[name]:.0f}s (1-minute load average {os.getloadavg()[0]:.2f})", flush=True)
         return value
 
-    phase("prepare data", prepare, data, out)
-    for name, extra in (("freelm", []), ("lm_only", ["train.teacher_steps=0"])):
-        results[name] = {"train": phase(f"train {name}", train, name, out, data, args.steps, extra)}
-    for name in results:
-        results[name]["eval"] = phase(f"eval {name}", evaluate, name, out, args.limit)
+    summary = phase("prepare data", prepare, data, out)
+    results = {name: {"train": phase(f"train {name}", train, name, out, data, args.steps)} for name in MODELS}
+    for name in MODELS:
+        results[name]["eval"] = phase(f"eval {name}", evaluate, name, out)
     total = time.perf_counter() - start
 
-    f, b = results["freelm"]["train"], results["lm_only"]["train"]
-    print(f"\n== results (GLUE dev, zero-shot, at most {args.limit} examples per task)")
-    print(table(results))
-    print(f"\nmodel: {f['params']:,} params; {NPROCS} processes x {THREADS} thread, ZeRO-3 fp32")
-    print(f"FreeLM : {f['steps']} steps = {f['language_steps']} language ({f['language_tokens']:,} tokens) + "
-          f"{f['teacher_steps']} teacher ({f['teacher_propositions']:,} propositions, ~{f['teacher_tokens_approx']:,} tokens)")
-    print(f"LM-only: {b['steps']} steps, all language ({b['language_tokens']:,} tokens): the same optimizer steps, "
-          f"at least FreeLM's compute")
-    print(f"final train language loss: FreeLM {f['final_language_loss']:.3f}, LM-only {b['final_language_loss']:.3f}")
-    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()) + f"; total {total:.0f}s")
-    print("1-minute load average at start and after each phase: " + ", ".join(f"{v:.2f}" for v in load.values()))
-    report = {"recipe": str(RECIPE.relative_to(REPO)), "heldout": HELDOUT.name, "tasks": TASKS.split(","),
-              "limit": args.limit, "launcher": f"{NPROCS} processes x {THREADS} threads", "models": results,
-              "phases_s": phases, "total_s": round(total, 1), "load_average_1min": load}
-    (out / "replication.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {out / 'replication.json'}")
+    a = results["interactive"]["train"]
+    props = sum(row["propositions"] for row in summary.values())
+    sst2 = summary["sst2"]["propositions"]
+    budget = "\n".join(
+        f"- {m}: {r['train']['steps']} steps = {r['train']['language_steps']} language "
+        f"({r['train']['language_sequences']:,} sequences) + {r['train']['teacher_steps']} teacher "
+        f"({r['train']['teacher_propositions']:,} propositions); final losses: language "
+        f"{r['train']['final_language_loss']:.3f}"
+        + ("" if r["train"]["final_teacher_loss"] is None else f", teacher {r['train']['final_teacher_loss']:.3f}")
+        for m, r in results.items())
+    outcomes = [target(results, "sst2", 0.20), target(results, TRANSFER, 0.05)]
+    report = "\n\n".join([
+        f"# FreeLM replication at CPU scale ({a['params']:,} parameters, {NPROCS} processes, ZeRO-1 fp32)",
+        table(results),
+        "Targets:\n" + "\n".join(f"- {text}" for _, text in outcomes),
+        f"Budget (same optimizer steps per model; teacher data: {props:,} propositions, SST-2 {sst2:,} of them):\n"
+        + budget,
+        "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()) + f"; total {total:.0f}s.",
+    ])
+    (out / "results.md").write_text(report + "\n")
+    (out / "results.json").write_text(json.dumps({"models": results, "phases_s": phases, "total_s": round(total, 1),
+                                                  "targets": [{"met": m, "text": t} for m, t in outcomes]},
+                                                 indent=1) + "\n")
+    plot(results, out / "loss_curves.png")
+    log_artifacts(out, [out / "results.md", out / "results.json", out / "loss_curves.png"])
+    print("\n" + report)
+    print(f"-> {out}/results.md, results.json, loss_curves.png (also in each model's MLflow run, under replication/)")
 
 
 if __name__ == "__main__":

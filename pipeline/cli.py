@@ -253,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
                                       "2 processes, zero-shot eval, HF export (a few minutes on CPU)")
     dem.add_argument("--out", default="runs/demo", help="where data, run, log and export go (default runs/demo)")
     dem.add_argument("--quick", action="store_true", help="a smaller world and 30 steps (about a minute)")
-    dem.add_argument("--steps", type=int, default=None, help="training steps (default 1000; --quick: 30)")
+    dem.add_argument("--steps", type=int, default=None, help="training steps (default 1500; --quick: 30)")
     dem.add_argument("--processes", type=int, default=2, help="data-parallel processes (default 2)")
     dem.set_defaults(func=demo)
     return top

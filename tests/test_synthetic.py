@@ -1,4 +1,6 @@
-"""The synthetic world of `freelm demo`: deterministic, balanced, valid tasks, and usable by the real CLI."""
+"""The synthetic world of `freelm demo`: deterministic, balanced, valid tasks, usable by the real CLI, and honest:
+the unseen task's text is nowhere in the training data, the corpus states no proposition, and a task's
+candidates differ only in the label word, in as many tokens."""
 
 from __future__ import annotations
 
@@ -55,8 +57,9 @@ def test_tasks_yaml_loads_and_every_split_yields_propositions(data):
     for name, spec in specs.items():
         assert spec.files[spec.splits[0]].parent == (data.root / "tasks").resolve()
         assert spec.splits == (("train", "dev") if name in data.trained_tasks else ("dev",))
-        props = {len(p.split()) for p in spec.propositions.values()}
-        assert len(props) == len(spec.propositions), f"{name}: propositions of equal length"
+        assert all(p.endswith(f" {label}.") for label, p in spec.propositions.items())
+        frames = {p.removesuffix(f" {label}.") for label, p in spec.propositions.items()}
+        assert len(frames) == 1, f"{name}: candidates differ only in the label word"
         for split in spec.splits:
             stats = SplitStats()
             got = list(iter_propositions(spec, split, stats, all_candidates=True))
@@ -85,6 +88,27 @@ def test_unseen_task_has_only_a_dev_split(data):
     assert not list((data.root / "tasks").glob(f"{unseen[0]}_train*"))
 
 
+def seen_text(data: SyntheticData) -> str:
+    """What the demo's model reads before the dev sets: the corpus, the held-out text and the train splits."""
+    return "\n".join(p.read_text() for p in [data.corpus, data.heldout, *sorted(data.root.glob("tasks/*_train.tsv"))])
+
+
+def test_unseen_task_text_is_nowhere_in_the_training_data(data):
+    text, specs = seen_text(data), load_tasks(data.tasks_yaml)
+    for name in set(data.task_names) - set(data.trained_tasks):
+        inputs = [row["text"] for row in rows(specs[name].files["dev"])]
+        assert len(inputs) == SMALL["dev_examples"] and not [i for i in inputs if i in text]
+        assert not [p for p in specs[name].propositions.values() if p in text]
+
+
+def test_corpus_states_no_proposition(data):
+    """No candidate proposition of any task, so no (input, true proposition) statement either, is in the text
+    the language signal reads."""
+    text = data.corpus.read_text() + data.heldout.read_text()
+    for spec in load_tasks(data.tasks_yaml).values():
+        assert not [p for p in spec.propositions.values() if p in text]
+
+
 def cli(*args: str, cwd: Path) -> str:
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
@@ -104,9 +128,11 @@ def test_real_cli_prepares_both_streams(data, tmp_path):
         n = SMALL["train_examples"]
         assert (task["examples"], task["positives"], task["propositions"], task["truncated"]) == (n, n, 2 * n, 0)
 
+    from pipeline.data.propositions import proposition_tail
     from pipeline.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "tok")
-    for name, spec in load_tasks(data.tasks_yaml).items():  # one template per task: inputs of one length
-        lengths = {len(tok.encode(row["text"])) for row in rows(spec.files["dev"])}
-        assert len(lengths) <= 2, (name, lengths)
+    for name, spec in load_tasks(data.tasks_yaml).items():  # candidates: as many tokens, one of them differs
+        ids = [tok.encode(proposition_tail(p)) for p in spec.propositions.values()]
+        assert len({len(i) for i in ids}) == 1, (name, ids)
+        assert sum(len(set(column)) > 1 for column in zip(*ids)) == 1, (name, ids)

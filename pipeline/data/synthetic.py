@@ -1,28 +1,30 @@
 """A small synthetic world for `freelm demo`: a raw-text corpus and labelled tasks, no downloads.
 
-The world: two dozen people, foods, animals, vehicles, kinds of weather, places, things, colours, numbers,
-and adjectives that are good or bad. A story (stories are separated by a blank line in `corpus.txt`) is a
-few lines from a small grammar: plain sentences (someone walks somewhere, cooks, counts things) and the
-sentences the tasks ask about, most of them followed by their true proposition ("The soup was fresh and
-tasty. Here, the review is positive."), so the language signal alone relates the words to the labels.
-`heldout.txt` is more of the same from another seed, for perplexity.
+The world: two dozen people, foods, animals, vehicles, kinds of weather, places, numbers and adjectives
+that are good or bad. A story (stories are separated by a blank line in `corpus.txt`) is a few lines of
+plain sentences (someone walks somewhere, cooks, counts things) and facts the tasks rest on, in words of
+their own: "Ada said the fox is a kind of animal.", "Ben ate the fresh cake and felt positive.", "Cleo saw
+ten people at the park, a large group.". So the language signal can relate the words, but the corpus
+holds no task proposition: LM likelihood has to score sentences it never saw. `heldout.txt` is more of the
+same from another seed, for perplexity.
 
-Tasks (TSV with a header, `text` and `label`; `tasks.yaml` declares them with `data_root: .`):
-  sentiment  positive | negative                 "The soup was fresh and tasty."   "Here, the review is positive."
-  topic      food | animal | vehicle | weather   "The fox was hiding near the farm."
-                                                 "Here, the sentence is about an animal."
-  count      few | many                          "The park had two visitors in the morning."
-                                                 "Here, there were only a few visitors."
-  opinion    positive | negative (dev only)      "The bus was awful and dull."
-                                                 "Here, the opinion is negative, not positive."
-`opinion` is never trained on: it judges places and vehicles, not food, with other words in its
-propositions, so its accuracy measures zero-shot transfer from `sentiment`. Labels are balanced and no dev
-input is in train. Learnable from scratch: a task's inputs share one template of fixed length in tokens
-(every word is one piece of a tokenizer trained on the corpus; the label shows only in the cue words), and
-its propositions differ in length, so learned positions tell the candidates apart at the last token. The
-`tiny` preset (recipes/tiny.yaml) then reaches ~1.0 on the trained tasks in about 1000 steps (it is still
-at chance at 300); with same-length propositions, inputs of varying shape or no propositions in the corpus
-it stalls near chance for longer. The same seed writes the same bytes.
+Tasks (TSV with a header, `text` and `label`; `tasks.yaml` declares them with `data_root: .`). Every
+proposition is "Here, the <subject> is <label>.": a task's candidates differ only in the label word, whose
+pieces the tests check are equally many, so no candidate stands out by its length.
+  sentiment  positive | negative                 "The soup was fresh and tasty."       subject: review
+  topic      food | animal | vehicle | weather   "The fox was hiding near the farm."   subject: topic
+  count      small | large                       "Ada met two visitors at the park."   subject: crowd
+  opinion    positive | negative (dev only)      "Ada found the bus awful and dull."   subject: opinion
+The trained tasks draw their inputs from two or three sentence shapes each, so the teacher head has to
+find the telling word wherever it is. `opinion` is never trained on: its sentence shape, what it judges
+(places and vehicles) and its propositions occur nowhere in the corpus or the training splits; only its
+adjectives (a subset of `sentiment`'s) and label words do. Its accuracy measures whether what the
+teacher head learnt on `sentiment` transfers. Labels are balanced and no dev input is in train.
+
+Learnable from scratch: neither a proposition's label word nor its input alone tells whether it is true
+(an XOR), which keeps the `tiny` preset at chance for well over 1000 steps from its default init; with
+`model.init_std: 0.2` (recipes/demo.yaml) it learns them within the demo's 1500 steps (in 500-1500 with the
+seeds tried). The same seed writes the same bytes.
 """
 
 from __future__ import annotations
@@ -42,58 +44,64 @@ TOPICS = {
 }
 DOING = {"food": "cooking baking cooling".split(), "animal": "running sleeping hiding".split(),
          "vehicle": "moving parking leaving".split(), "weather": "coming starting clearing".split()}
-ABOUT = {"food": "food", "animal": "an animal", "vehicle": "a kind of vehicle", "weather": "what the weather is like"}
 PLACES = "park market school river forest beach farm village garden station library hill bridge lake museum".split()
 THINGS = "hat kite ball cup coat bag bowl sock lamp chair".split()
 COLOURS = "red blue green yellow black white brown pink grey orange".split()
 NUMBERS = "two three four five six seven eight nine ten eleven twelve".split()
-COUNTS = {"few": NUMBERS[:3], "many": NUMBERS[-4:]}
+COUNTS = {"small": NUMBERS[:3], "large": NUMBERS[-4:]}
 TIMES = "morning afternoon evening night".split()
-GOOD = "good lovely nice great fine".split()  # said of anything; TASTY adds words for food
-BAD = "bad awful nasty poor dull".split()
-ADJ = {"positive": GOOD, "negative": BAD}
-TASTY = {"positive": GOOD + "tasty fresh sweet".split(), "negative": BAD + "stale rotten sour".split()}
+ADJ = {"positive": "good lovely nice great fine".split(), "negative": "bad awful nasty poor dull".split()}
+TASTY = {"positive": ADJ["positive"] + "tasty fresh sweet".split(),
+         "negative": ADJ["negative"] + "stale rotten sour".split()}
 
 
 def _sentiment(r: random.Random, label: str) -> str:
     a, b = r.sample(TASTY[label], 2)
-    return f"The {r.choice(TOPICS['food'])} was {a} and {b}."
+    food, other = r.sample(TOPICS["food"], 2)
+    return r.choice([f"The {food} was {a} and {b}.",
+                     f"{r.choice(PEOPLE)} ate some {a} {food} at the {r.choice(PLACES)}.",
+                     f"A {a} {food} and a {b} {other} were on the table."])
 
 
 def _topic(r: random.Random, label: str) -> str:
-    return f"The {r.choice(TOPICS[label])} was {r.choice(DOING[label])} near the {r.choice(PLACES)}."
+    noun, doing, place = r.choice(TOPICS[label]), r.choice(DOING[label]), r.choice(PLACES)
+    return r.choice([f"The {noun} was {doing} near the {place}.",
+                     f"Near the {place}, {r.choice(PEOPLE)} saw the {noun} {doing}."])
 
 
 def _count(r: random.Random, label: str) -> str:
-    return f"The {r.choice(PLACES)} had {r.choice(COUNTS[label])} visitors in the {r.choice(TIMES)}."
+    n, place = r.choice(COUNTS[label]), r.choice(PLACES)
+    return r.choice([f"The {place} had {n} visitors in the {r.choice(TIMES)}.",
+                     f"{r.choice(PEOPLE)} met {n} visitors at the {place}."])
 
 
 def _opinion(r: random.Random, label: str) -> str:
     a, b = r.sample(ADJ[label], 2)
-    return f"The {r.choice(PLACES + TOPICS['vehicle'])} was {a} and {b}."
+    return f"{r.choice(PEOPLE)} found the {r.choice(PLACES + TOPICS['vehicle'])} {a} and {b}."
 
 
 @dataclass(frozen=True)
 class _Task:
     make: Callable[[random.Random, str], str]  # (rng, label) -> an input text with that label
-    propositions: dict[str, str]               # label -> proposition, in candidate order
+    subject: str                               # the proposition: "Here, the <subject> is <label>."
+    labels: tuple[str, ...]                    # candidate order
     trained: bool = True
 
-
-def _polar(subject: str) -> dict[str, str]:  # the two differ in length: see the module docstring
-    return {"positive": f"Here, {subject} is positive.", "negative": f"Here, {subject} is negative, not positive."}
+    @property
+    def propositions(self) -> dict[str, str]:
+        return {label: f"Here, the {self.subject} is {label}." for label in self.labels}
 
 
 TASKS = {
-    "sentiment": _Task(_sentiment, _polar("the review")),
-    "topic": _Task(_topic, {t: f"Here, the sentence is about {about}." for t, about in ABOUT.items()}),
-    "count": _Task(_count, {"few": "Here, there were only a few visitors.", "many": "Here, there were many visitors."}),
-    "opinion": _Task(_opinion, _polar("the opinion"), trained=False),
+    "sentiment": _Task(_sentiment, "review", ("positive", "negative")),
+    "topic": _Task(_topic, "topic", tuple(TOPICS)),
+    "count": _Task(_count, "crowd", tuple(COUNTS)),
+    "opinion": _Task(_opinion, "opinion", ("positive", "negative"), trained=False),
 }
 
 
 def _plain(r: random.Random) -> str:
-    """A sentence of the world that no task asks about."""
+    """A sentence about what happens in the world."""
     who, place, time = r.choice(PEOPLE), r.choice(PLACES), r.choice(TIMES)
     return r.choice([
         f"{who} walked to the {place} with {r.choice(NUMBERS)} friends.",
@@ -102,21 +110,29 @@ def _plain(r: random.Random) -> str:
         f"{who} counted {r.choice(NUMBERS)} {r.choice(THINGS)}s at the {place}.",
         f"{who} cooked the {r.choice(TOPICS['food'])} for {r.choice(PEOPLE)} in the {time}.",
         f"There was {r.choice(TOPICS['weather'])} over the {place} all {time}.",
+        f"{who} and {r.choice(PEOPLE)} found a {r.choice(THINGS)} near the {place}.",
+        f"Here, the {place} is next to the {r.choice(PLACES)}.",
+        f"{r.choice(NUMBERS).capitalize()} visitors came to the {place} in the {time}.",
+    ])
+
+
+def _fact(r: random.Random) -> str:
+    """A fact the tasks rest on, in words of its own: what kind a thing is, which adjectives please, which
+    numbers are small."""
+    who = r.choice(PEOPLE)
+    kind = r.choice(list(TOPICS))
+    mood = r.choice(list(TASTY))
+    size = r.choice(list(COUNTS))
+    return r.choice([
+        f"{who} said the {r.choice(TOPICS[kind])} is a kind of {kind}.",
+        f"{who} ate the {r.choice(TASTY[mood])} {r.choice(TOPICS['food'])} and felt {mood}.",
+        f"{who} saw {r.choice(COUNTS[size])} people at the {r.choice(PLACES)}, a {size} group.",
     ])
 
 
 def story(r: random.Random) -> str:
-    """3-8 lines: plain sentences and task inputs, most inputs followed by their true proposition."""
-    lines = []
-    for _ in range(r.randint(3, 8)):
-        if r.random() < 0.35:
-            lines.append(_plain(r))
-            continue
-        task = TASKS[r.choice(list(TASKS))]
-        label = r.choice(list(task.propositions))
-        text = task.make(r, label)
-        lines.append(f"{text} {task.propositions[label]}" if r.random() < 0.8 else text)
-    return "\n".join(lines)
+    """3-8 lines, plain sentences and facts."""
+    return "\n".join(_fact(r) if r.random() < 0.5 else _plain(r) for _ in range(r.randint(3, 8)))
 
 
 def _write_text(path: Path, rng: random.Random, nbytes: int) -> None:
@@ -129,8 +145,7 @@ def _write_text(path: Path, rng: random.Random, nbytes: int) -> None:
 
 def _write_split(path: Path, task: _Task, r: random.Random, n: int, avoid: set[str]) -> set[str]:
     """n examples, labels balanced, none in `avoid` (given up after 100 draws: the grammar ran out)."""
-    names = list(task.propositions)
-    labels = [names[i % len(names)] for i in range(n)]
+    labels = [task.labels[i % len(task.labels)] for i in range(n)]
     r.shuffle(labels)
     rows = []
     for label in labels:
@@ -145,7 +160,7 @@ def _write_split(path: Path, task: _Task, r: random.Random, n: int, avoid: set[s
 
 def _task_yaml(name: str, task: _Task, splits: list[str]) -> str:
     files = ", ".join(f"{s}: tasks/{name}_{s}.tsv" for s in splits)
-    labels = ", ".join(f"{lab}: {lab}" for lab in task.propositions)
+    labels = ", ".join(f"{lab}: {lab}" for lab in task.labels)
     props = "".join(f"      {lab}: {json.dumps(p)}\n" for lab, p in task.propositions.items())  # JSON is YAML
     return (f"  {name}:\n    format: tsv\n    files: {{{files}}}\n    fields: [text, label]\n"
             f"    input: \"{{text}}\"\n    label: label\n    labels: {{{labels}}}\n    propositions:\n{props}"
