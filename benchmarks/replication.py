@@ -47,7 +47,7 @@ TRANSFER = "movie_reviews"
 MODELS = {"interactive": [], "mixed": ["train.schedule=mixed"], "language_only": ["train.teacher_steps=0"]}
 FREELM = ("interactive", "mixed")
 NPROCS = 2  # 2 processes x 1 thread (DP=2): faster here than 1 process x 2 threads
-SHOWN = re.compile(r"freelm\.train: (step \d+/|grid|model|schedule)|^(task|\w+ +\d+|perplexity)|tokens in|tokenizer:")
+SHOWN = re.compile(r"freelm\.train: (step \d+/|grid|model|schedule)|^(task|\w+ +\d+|perplexity|scoring:)|tokens in|tokenizer:")
 
 
 def run(cmd: list[str], log: Path, threads: int = 2) -> str:
