@@ -183,12 +183,12 @@ def report(out: Path, run_dir: Path, run: Evaluation, world: SyntheticData, seco
 def print_mlflow(run_dir: Path) -> None:
     """Where the run's MLflow run is, the command that serves it (a path relative to the working directory
     when under it, so it also works on the host of a container that mounts it) and the link to its charts."""
-    from pipeline.train.run_info import run_link
+    from pipeline.train.run_info import SQLITE, run_link, sqlite_path
 
     mlflow = json.loads((run_dir / "mlflow_run.json").read_text())
-    uri, prefix = mlflow["tracking_uri"], "sqlite:///"
-    if uri.startswith(prefix) and Path(uri[len(prefix):]).is_relative_to(Path.cwd()):
-        uri = prefix + str(Path(uri[len(prefix):]).relative_to(Path.cwd()))
+    uri = mlflow["tracking_uri"]
+    if (db := sqlite_path(uri)) is not None and db.is_relative_to(Path.cwd()):
+        uri = SQLITE + str(db.relative_to(Path.cwd()))
     print(f"  MLflow run     {mlflow['run_id']} in {uri}")
     print(f"\nOpen the MLflow UI:  mlflow ui --backend-store-uri {uri}")
     print(f"then the run's charts:  {run_link('http://127.0.0.1:5000', mlflow['experiment_id'], mlflow['run_id'])}")

@@ -48,13 +48,19 @@ def source_tags() -> dict[str, str]:
     return tags
 
 
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI; None for any other store."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a SQLite store go beside it (`mlartifacts/` next to the .db file), not to `./mlruns`
     under whatever directory the job started in; a tracking server decides for itself (None)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        return (Path(uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri()
-    return None
+    db = sqlite_path(uri)
+    return None if db is None else (db.resolve().parent / "mlartifacts").as_uri()
 
 
 def create_local_store(path: Path) -> None:
