@@ -1,5 +1,6 @@
 """What clusters do to a run, one at a time, on 2 real ranks: a damaged newest checkpoint, a disk that fills up
-during a save, a rank that stops answering. Each ends in one clear line and loses nothing already saved."""
+during a save, a rank that stops answering, a rank killed outright. Each ends in one clear line and loses
+nothing already saved."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
-from distributed import start_cli_ranks
+from distributed import free_port, start_cli_ranks
 from test_train import REPO, metrics, overrides, wait_for_lines
 
 
@@ -113,3 +115,26 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_timeout_naming_rank
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("freelm: training stopped: rank 0 of 2: step ")
     assert "failed after 15." in last and "Timed out waiting 15000ms" in last
+
+
+def test_a_sigkilled_rank_ends_the_job_and_leaves_no_loader_worker_behind(data, tmp_path):
+    """The deepspeed launcher stops the job when a rank dies; the dead rank's loader workers (children of a fork
+    server, not of the rank) must end too, or they hold the job's output open and it never finishes."""
+    args = overrides(data, tmp_path, **{"train.steps": 400, "data.num_workers": 2})
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "pipeline.cli", "train", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for_lines(tmp_path / "metrics.jsonl", 3, proc)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        workers = [p for p in tree if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+        rank1 = [p for p in tree if "--local_rank=1" in p.cmdline()]
+        assert len(rank1) == 1 and len(workers) >= 5, [p.cmdline()[-3:] for p in tree]  # servers and workers
+        rank1[0].kill()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "exits with return code = -9" in out
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    assert alive == []

@@ -59,6 +59,7 @@ def launch(tool: str, nprocs: int, args: list[str], env: dict | None = None) -> 
     out = subprocess.run([*launcher, "train", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shared memory left behind"
     return out
 
 

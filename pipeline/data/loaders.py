@@ -9,22 +9,42 @@ checkpoints; a loader rebuilt from it yields exactly what an uninterrupted run w
 from __future__ import annotations
 
 import functools
+import os
 import signal
+import threading
+import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.propositions import PropositionDataset
 
 
-def leave_stop_signals_to_the_rank(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM and SIGUSR1: SLURM sends them to every process of a job step, and the rank
-    then stops after its current step with a checkpoint, shutting its workers down itself. (A worker whose
-    rank dies still exits: it watches its parent.)"""
+def init_worker(rank_pid: int, rank_started: float, worker_id: int) -> None:
+    """Set up a loader worker of the rank `rank_pid` (started at `rank_started`).
+
+    Workers ignore SIGTERM and SIGUSR1: SLURM sends them to every process of a job step, and the rank then stops
+    after its current step with a checkpoint, shutting its workers down itself. Workers come from a fork server,
+    so torch's own check (is my parent alive?) watches the server, which in turn lives as long as any worker does;
+    a thread here watches the rank instead and ends the worker when the rank is gone, even SIGKILLed, so no
+    orphan keeps the job's output open."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_rank, args=(rank_pid, rank_started), daemon=True).start()
+
+
+def _exit_with_rank(rank_pid: int, rank_started: float) -> None:
+    while True:
+        time.sleep(1.0)
+        try:
+            alive = psutil.Process(rank_pid).create_time() == rank_started
+        except psutil.NoSuchProcess:
+            alive = False
+        if not alive:
+            os._exit(1)
 
 
 class EpochShuffled(Dataset):
@@ -85,7 +105,8 @@ class StreamLoader:
             self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers,
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
             multiprocessing_context="forkserver" if self.num_workers else None,
-            worker_init_fn=leave_stop_signals_to_the_rank if self.num_workers else None,
+            worker_init_fn=(functools.partial(init_worker, os.getpid(), psutil.Process().create_time())
+                            if self.num_workers else None),
         )
         for batch in loader:
             self.consumed_samples += self.micro_batch * self.dp_size

@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,7 +62,26 @@ def init_parallel(tensor_parallel: int = 1, timeout_minutes: float = 30.0) -> La
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                                  distributed_timeout_minutes=timeout_minutes)
+    if not torch.cuda.is_available():
+        _unlink_deepspeed_shm(launch.rank)
     return launch
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce op creates for `rank` when every rank is on one host."""
+    env = os.environ
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{rank}"
+
+
+def _unlink_deepspeed_shm(rank: int) -> None:
+    """DeepSpeed's CPU backend maps a ~70 MB /dev/shm buffer per rank and never unlinks it, so every CPU run
+    would leave its buffers in RAM after it ends. Start that backend now, wait until every rank has mapped
+    every buffer, and unlink this rank's name: the mappings live on until the processes exit, even when killed."""
+    import deepspeed.comm
+
+    deepspeed.comm.init_distributed(dist_backend="gloo", verbose=False)
+    dist.barrier()
+    shm_buffer_path(rank).unlink(missing_ok=True)
 
 
 def destroy_parallel() -> None:
