@@ -1,6 +1,8 @@
 """Data pipeline throughput against its baselines, measured in the same run.
 
-  corpus preparation (read, tokenize in N workers, write .bin/.idx)  vs  raw sentencepiece encode in N processes
+  corpus preparation (read, tokenize in N workers, write .bin/.idx)  vs  the raw tokenizer library encoding the
+  same text, already read, in N processes: sentencepiece (a BPE trained here) and Hugging Face `tokenizers` (a
+  byte-level BPE of GPT-2's vocabulary size trained here, saved as a GPT2TokenizerFast: the paper's path)
   loader tokens/s per rank (language: packed samples; teacher: padded propositions)
 
 Usage: python benchmarks/data_throughput.py [--data ../shared/data] [--vocab 8000]
@@ -15,27 +17,46 @@ import tempfile
 import time
 from pathlib import Path
 
-_sp = None
+_encode = None
 
 
-def _load(model_file: str) -> None:
-    global _sp
-    import sentencepiece as spm
+def _load(kind: str, path: str) -> None:
+    global _encode
+    if kind == "sentencepiece":
+        import sentencepiece as spm
 
-    _sp = spm.SentencePieceProcessor(model_file=model_file)
+        _encode = spm.SentencePieceProcessor(model_file=path).encode
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, as the corpus workers
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(path)
+        _encode = lambda text: tokenizer.encode_batch([text], add_special_tokens=False)[0].ids  # noqa: E731
 
 
 def _count(text: str) -> int:
-    return len(_sp.encode(text))
+    return len(_encode(text))
 
 
-def raw_encode_tokens_per_s(model_file: str, texts: list[str], workers: int) -> float:
-    """The ceiling: sentencepiece encoding already-read text in `workers` processes, nothing else."""
-    with mp.get_context("spawn").Pool(workers, _load, (model_file,)) as pool:
+def raw_encode_tokens_per_s(kind: str, path: str, texts: list[str], workers: int) -> float:
+    """The ceiling: the tokenizer library encoding already-read text in `workers` processes, nothing else."""
+    with mp.get_context("spawn").Pool(workers, _load, (kind, path)) as pool:
         pool.map(_count, texts[:workers])  # warm up the workers
         start = time.perf_counter()
         tokens = sum(pool.map(_count, texts, chunksize=1))
         return tokens / (time.perf_counter() - start)
+
+
+def train_gpt2_style(files: list[Path], out: Path) -> Path:
+    """A byte-level BPE with GPT-2's vocabulary size and eos, saved as a GPT2TokenizerFast directory."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train([str(f) for f in files], vocab_size=50257, special_tokens=["<|endoftext|>"], show_progress=False)
+    eos = "<|endoftext|>"
+    GPT2TokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos, unk_token=eos).save_pretrained(str(out))
+    return out
 
 
 def pieces(files: list[Path], size: int = 1 << 20) -> list[str]:
@@ -44,6 +65,14 @@ def pieces(files: list[Path], size: int = 1 << 20) -> list[str]:
         text = f.read_text(encoding="utf-8", errors="replace")
         out += [text[i:i + size] for i in range(0, len(text), size)]
     return out
+
+
+def utf8(path: Path) -> bool:
+    try:
+        path.read_text(encoding="utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def loader_tokens_per_s(loader, batches: int, count) -> float:
@@ -60,7 +89,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     args = parser.parse_args()
     data = Path(args.data)
-    files = sorted((data / "lm" / "gutenberg_nltk").glob("*.txt"))
+    # The UTF-8 books (the byte-level BPE trainer refuses the rest).
+    files = [f for f in sorted((data / "lm" / "gutenberg_nltk").glob("*.txt")) if utf8(f)]
     tasks_yaml = Path(__file__).resolve().parents[1] / "recipes" / "tasks.yaml"
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
 
@@ -68,25 +98,30 @@ def main() -> None:
     from pipeline.data.lm_dataset import language_dataset
     from pipeline.data.loaders import language_loader, teacher_loader
     from pipeline.data.propositions import build_propositions
-    from pipeline.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from pipeline.data.tokenizer import HFTokenizer, SentencePieceTokenizer, train_sentencepiece
     from pipeline.parallel.distributed import init_parallel
 
     init_parallel(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tok = train_sentencepiece(files, tmp / "tok", args.vocab)
-        model_file = str(tmp / "tok" / SentencePieceTokenizer.MODEL_FILE)
+        HFTokenizer(train_gpt2_style(files, tmp / "gpt2")).save(tmp / "tok-gpt2")
+        tokenizers = {"sentencepiece": (tmp / "tok", str(tmp / "tok" / SentencePieceTokenizer.MODEL_FILE)),
+                      "huggingface": (tmp / "tok-gpt2", str(tmp / "tok-gpt2" / "tokenizer.json"))}
         texts = pieces(files)
         mb = sum(f.stat().st_size for f in files) / 2**20
-        print(f"corpus: {len(files)} Gutenberg books, {mb:.1f} MiB; sentencepiece BPE vocab {tok.vocab_size}")
-        print(f"{'workers':>8} {'raw encode tok/s':>18} {'corpus prep tok/s':>18} {'ratio':>7}")
-        for workers in (1, 2):
-            raw = raw_encode_tokens_per_s(model_file, texts, workers)
-            stats = build_corpus([str(f) for f in files], tmp / "tok", tmp / f"corpus{workers}", workers=workers)
-            print(f"{workers:>8} {raw:>18,.0f} {stats.tokens_per_s:>18,.0f} {stats.tokens_per_s / raw:>7.2f}")
+        print(f"corpus: {len(files)} Gutenberg books, {mb:.1f} MiB; sentencepiece BPE vocab {tok.vocab_size}, "
+              f"GPT-2-style byte-level BPE vocab 50257")
+        print(f"{'tokenizer':>14} {'workers':>8} {'raw encode tok/s':>18} {'corpus prep tok/s':>18} {'ratio':>7}")
+        for kind, (tok_dir, raw_file) in tokenizers.items():
+            for workers in (1, 2):
+                raw = raw_encode_tokens_per_s(kind, raw_file, texts, workers)
+                stats = build_corpus([str(f) for f in files], tok_dir, tmp / f"{kind}{workers}", workers=workers)
+                print(f"{kind:>14} {workers:>8} {raw:>18,.0f} {stats.tokens_per_s:>18,.0f} "
+                      f"{stats.tokens_per_s / raw:>7.2f}")
 
         seq, micro = 1024, 8
-        lm = language_dataset([tmp / "corpus2"], None, seq, 2000, tok, 0, tmp / "cache")
+        lm = language_dataset([tmp / "sentencepiece2"], None, seq, 2000, tok, 0, tmp / "cache")
         lang = loader_tokens_per_s(language_loader(lm, micro, 0, 1), 100, lambda b: b["tokens"].numel())
         build_propositions(tasks_yaml, "train", tmp / "tok", tmp / "tasks", only=["sst2"])
         teacher = teacher_loader(str(tmp / "tasks" / "train"), seq, tok.special.pad, 32, 0, 1, seed=0)

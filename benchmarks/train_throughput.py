@@ -1,21 +1,27 @@
-"""Training throughput of our trainer against a plain PyTorch loop over Hugging Face GPT-2, measured in the same run.
+"""Training throughput of our trainer against plain PyTorch loops, measured side by side in the same run.
 
-  matmul peak  pipeline.train.throughput.matmul_flops(): best fp32 2048 x 2048 matmul on this device
-  ours         pipeline.train.trainer.train() in one process: DeepSpeed ZeRO-3 (ds_configs/zero3.json, fp32)
-               over megatron-core layers, language steps only; tokens/s from run_dir/metrics.jsonl
+CPU (fp32, one process, a 6-layer d384 GPT-2-block model, seq 256, micro-batch 8):
+  ours         pipeline.train.trainer.train(): DeepSpeed ZeRO-3 (ds_configs/zero3.json) and ZeRO-1
+               (ds_configs/zero1.json) over megatron-core layers, eager and with `train.compile` (each block
+               compiled by inductor); language steps; tokens/s from run_dir/metrics.jsonl
   baseline     transformers GPT2LMHeadModel of the same shape (SDPA, fused tanh-GELU, no dropout), torch AdamW
                (foreach) with our optimizer settings, gradient clipping 1.0, a bare loop over random
-               micro-batch x seq windows of the same corpus
+               micro-batch x seq windows of the same corpus; it runs half its steps before ours and half after,
+               so that a slow drift of a shared machine affects both alike
+  teacher      our trainer's teacher steps (ZeRO-1) against a bare loop of the same FreeLM over the very same
+               proposition batches (torch AdamW, clipping): propositions/s
+Tokens/s is the median step after warm-up steps. Achieved FLOP/s = tokens/s x training FLOPs per token
+(pipeline.model.size; one accounting for both, the shapes being equal), also as a fraction of an fp32 matmul
+peak measured in the same run. The CPU time other processes took during the timed runs is reported: figures
+taken while it is high are not comparable.
 
-Tokens/s is the median step after warm-up steps; the baseline runs half its steps before ours and half after,
-so that a slow drift of a shared machine affects both alike. Achieved FLOP/s = tokens/s x training FLOPs per
-token (pipeline.model.size; one accounting for both, the shapes being equal), also as a fraction of the matmul
-peak. Torch threads are left at their default for both. The CPU time other processes took during the timed runs is
-reported: on a shared machine, figures taken while it is high are not comparable.
-With a GPU, our trainer also runs the 0.3b and 1.3b presets in bf16 (ds_configs/zero3_bf16.json), against
-the GPU's dense bf16 peak (pipeline.train.throughput.peak_flops).
+GPU (`--gpu`, CUDA only, as benchmarks/gpu.sh runs it): the shipped 0.3b and 1.3b recipes on one GPU, bf16,
+ZeRO-1/2/3 eager and ZeRO-1 compiled, with a GPT-2-sized byte-level BPE: per signal, real tokens/s, TFLOP/s and
+MFU against the device's dense bf16 peak, and the peak memory allocated against `freelm plan`'s.
 
-Usage: python benchmarks/train_throughput.py [--steps N] [--data ../shared/data]
+`--rehearse` runs that section's code on CPU with the tiny recipe in fp32 (no memory figures).
+
+Usage: python benchmarks/train_throughput.py [--steps N] [--data ../shared/data] [--gpu | --rehearse] [--json FILE]
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -35,20 +40,22 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, load_config
+from pipeline.parallel.distributed import free_port
 from pipeline.train.optim import param_groups
 from pipeline.train.throughput import matmul_flops, peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 3  # steps left out of every median
 SHAPE = {"model.block": "gpt2", "model.n_layers": 6, "model.d_model": 384, "model.n_heads": 6}
-SEQ, MICRO, VOCAB = 256, 8, 8000
-GPU_RUNS = [("0.3b", 1024, 8), ("1.3b", 2048, 4)]  # preset, seq, micro-batch
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SEQ, MICRO, VOCAB, TEACHER_MICRO = 256, 8, 8000, 64
+CPU_RUNS = [("ZeRO-3", "zero3.json", False), ("ZeRO-1", "zero1.json", False), ("ZeRO-3 compiled", "zero3.json", True),
+            ("ZeRO-1 compiled", "zero1.json", True)]
+GPU_RECIPES = ["0.3b", "1.3b"]
+GPU_RUNS = [("ZeRO-1", "zero1_bf16.json", False), ("ZeRO-2", "zero2_bf16.json", False),
+            ("ZeRO-3", "zero3_bf16.json", False), ("ZeRO-1 compiled", "zero1_bf16.json", True)]
+# `--rehearse`: the GPU section's code on CPU, the tiny recipe in fp32 (no memory figures).
+REHEARSAL_RUNS = [("ZeRO-1", "zero1.json", False), ("ZeRO-3", "zero3.json", False),
+                  ("ZeRO-1 compiled", "zero1.json", True)]
 
 
 def cpu_ticks() -> tuple[int, int, float]:
@@ -57,37 +64,64 @@ def cpu_ticks() -> tuple[int, int, float]:
     return sum(ticks) - ticks[3] - ticks[4], sum(ticks), sum(os.times()[:2]) * os.sysconf("SC_CLK_TCK")
 
 
-def prepare_data(data: Path, tmp: Path) -> None:
-    """Tokenizer, language corpus and CoLA teacher propositions (the teacher stream is built, never stepped)."""
+def prepare_data(data: Path, tmp: Path, gpt2_vocab: bool = False) -> None:
+    """Tokenizer (sentencepiece, or with `gpt2_vocab` a byte-level BPE of GPT-2's size), language corpus and
+    CoLA teacher propositions."""
     from pipeline.data.corpus import build_corpus
     from pipeline.data.propositions import build_propositions
-    from pipeline.data.tokenizer import train_sentencepiece
+    from pipeline.data.tokenizer import HFTokenizer, train_sentencepiece
 
-    files = sorted((data / "lm" / "gutenberg_nltk").glob("*.txt"))
-    train_sentencepiece(files, tmp / "tok", VOCAB)
-    build_corpus([str(f) for f in files], tmp / "tok", tmp / "corpus", workers=2)
+    files = [f for f in sorted((data / "lm" / "gutenberg_nltk").glob("*.txt")) if utf8(f)]
+    if gpt2_vocab:
+        from tokenizers import ByteLevelBPETokenizer
+        from transformers import GPT2TokenizerFast
+
+        bpe, eos = ByteLevelBPETokenizer(), "<|endoftext|>"
+        bpe.train([str(f) for f in files], vocab_size=50257, special_tokens=[eos], show_progress=False)
+        GPT2TokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos, unk_token=eos).save_pretrained(
+            str(tmp / "gpt2"))
+        HFTokenizer(tmp / "gpt2").save(tmp / "tok")
+    else:
+        train_sentencepiece(files, tmp / "tok", VOCAB)
+    build_corpus([str(f) for f in files], tmp / "tok", tmp / "corpus", workers=min(8, os.cpu_count() or 1))
     build_propositions(REPO / "recipes" / "tasks.yaml", "train", tmp / "tok", tmp / "teacher", only=["cola"])
 
 
-def trainer_config(tmp: Path, name: str, model: dict, seq: int, micro: int, steps: int, ds_config: str) -> Config:
-    overrides = {
-        **model, "data.tokenizer": tmp / "tok", "data.corpora": f"[{tmp / 'corpus'}]",
-        "data.teacher": tmp / "teacher" / "train", "data.seq_len": seq, "data.num_workers": 0,
-        "train.run_dir": tmp / name, "train.ds_config": REPO / "ds_configs" / ds_config, "train.steps": steps,
-        "train.language_steps": steps, "train.teacher_steps": 1, "train.micro_batch": micro,
-        "train.warmup_steps": 2, "train.log_every": 10**6, "train.save_every": 10**6,
+def utf8(path: Path) -> bool:
+    try:
+        path.read_text(encoding="utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def trainer_config(tmp: Path, name: str, recipe: str | None, overrides: dict) -> Config:
+    """A recipe (None: the defaults) pointed at the benchmark's data, checkpoints and logging off."""
+    base = {
+        "data.tokenizer": tmp / "tok", "data.corpora": f"[{tmp / 'corpus'}]",
+        "data.teacher": tmp / "teacher" / "train", "data.num_workers": 0, "train.run_dir": tmp / name,
+        "train.warmup_steps": 2, "train.log_every": 10**6, "train.save_every": 10**6, "tracking.enabled": "false",
     }
-    return load_config(None, [f"{key}={value}" for key, value in overrides.items()])
+    pairs = {**base, **overrides}
+    return load_config(REPO / "recipes" / f"{recipe}.yaml" if recipe else None, [f"{k}={v}" for k, v in pairs.items()])
 
 
-def run_ours(cfg: Config) -> float:
-    """Median tokens/s of our trainer's steps after warm-up, read from run_dir/metrics.jsonl."""
+def run_ours(cfg: Config) -> dict[str, list[dict]]:
+    """Our trainer in this process; its metrics rows after warm-up, by the signal each step trained."""
     from pipeline.train.trainer import train
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     train(cfg)
-    lines = (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()
-    return statistics.median(json.loads(line)["throughput/tokens_per_s"] for line in lines[WARMUP:])
+    rows = [json.loads(line) for line in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    by_signal: dict[str, list[dict]] = {"language": [], "teacher": []}
+    for row in rows:
+        signal = "language" if "loss/language" in row else "teacher"
+        by_signal[signal].append(row)
+    return {signal: found[WARMUP:] for signal, found in by_signal.items()}
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
 
 
 def corpus_batches(prefix: Path, count: int, micro: int, seq: int) -> list[torch.Tensor]:
@@ -100,11 +134,17 @@ def corpus_batches(prefix: Path, count: int, micro: int, seq: int) -> list[torch
     return [torch.from_numpy(np.stack([tokens[s:s + seq] for s in row])) for row in starts]
 
 
-def hf_setup(cfg: Config, padded_vocab: int, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """GPT2LMHeadModel of our run's shape and torch AdamW (foreach) with our run's optimizer settings."""
+def adamw(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    train = cfg.train
+    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=(train.beta1, train.beta2),
+                             eps=1e-8, foreach=True)
+
+
+def hf_model(cfg: Config, padded_vocab: int) -> torch.nn.Module:
+    """GPT2LMHeadModel of our run's shape."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    shape, train = cfg.model, cfg.train
+    shape = cfg.model
     config = GPT2Config(
         vocab_size=padded_vocab, n_positions=shape.max_seq_len, n_embd=shape.d_model, n_layer=shape.n_layers,
         n_head=shape.n_heads, layer_norm_epsilon=shape.norm_eps, activation_function="gelu_pytorch_tanh",
@@ -112,99 +152,182 @@ def hf_setup(cfg: Config, padded_vocab: int, device: str) -> tuple[torch.nn.Modu
         bos_token_id=None, eos_token_id=None,
     )
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(config).to(device).train()
+    model = GPT2LMHeadModel(config).train()
     model.loss_type = "ForCausalLM"  # what transformers falls back to for this class, after a warning
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                                  betas=(train.beta1, train.beta2), eps=1e-8, foreach=True)
-    return model, optimizer
+    return model
 
 
-def hf_rates(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor], device: str,
-             grad_clip: float) -> list[float]:
-    """Tokens/s of each step of a bare training loop after warm-up, timed as our trainer times a step."""
+def timed_steps(step, batches: list, count, grad_clip: float, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer) -> list[float]:
+    """Items/s of each step of a bare loop after warm-up, timed as our trainer times a step."""
     rates = []
     for batch in batches:
         start = time.perf_counter()
-        batch = batch.to(device)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = step(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # waits for the device, as our trainer's end-of-step metrics all-reduce does
-        rates.append(batch.numel() / (time.perf_counter() - start))
+        rates.append(count(batch) / (time.perf_counter() - start))
     return rates[WARMUP:]
 
 
-def compare(tmp: Path, steps: int, device: str) -> None:
+def teacher_batches(cfg: Config, count: int) -> list[dict[str, torch.Tensor]]:
+    """The first `count` teacher micro-batches our trainer's stream yields (same file, seed, grouping)."""
+    from pipeline.data.loaders import teacher_loader
+    from pipeline.data.tokenizer import load_tokenizer
+
+    data, train = cfg.data, cfg.train
+    loader = teacher_loader(data.teacher, data.teacher_seq_len, load_tokenizer(data.tokenizer).special.pad,
+                            train.teacher_micro_batch, 0, 1, train.seed, length_window=data.teacher_length_window,
+                            grad_accum=train.teacher_grad_accum)
+    it = iter(loader)
+    return [next(it) for _ in range(count)]
+
+
+def plain_teacher_rate(cfg: Config, steps: int) -> float:
+    """Propositions/s of a bare loop: our FreeLM (one process, no DeepSpeed), teacher forward, backward, clip,
+    AdamW; the trainer's own first teacher batches."""
+    from pipeline.model.freelm import FreeLM
+    from pipeline.parallel.distributed import destroy_parallel, init_parallel
+
+    os.environ.update(MASTER_PORT=str(free_port()))
+    init_parallel(1)
+    torch.manual_seed(0)
+    model = FreeLM(cfg.model).train()
+    optimizer = adamw(model, cfg)
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(batch["tokens"], signal="teacher", lengths=batch["lengths"], labels=batch["labels"]).loss
+
+    rates = timed_steps(step, teacher_batches(cfg, steps), lambda b: len(b["labels"]), cfg.train.grad_clip, model,
+                        optimizer)
+    destroy_parallel()
+    return statistics.median(rates)
+
+
+def compare_cpu(tmp: Path, steps: int) -> dict:
     from pipeline.model.size import measure
 
     threads = torch.get_num_threads()
-    cfg = trainer_config(tmp, "ours", {**SHAPE, "model.max_seq_len": SEQ, "model.vocab_size": VOCAB},
-                         SEQ, MICRO, steps, "zero3.json")
+    shape = {**SHAPE, "model.max_seq_len": SEQ, "model.vocab_size": VOCAB, "data.seq_len": SEQ,
+             "train.micro_batch": MICRO, "train.steps": steps, "train.language_steps": steps, "train.teacher_steps": 1}
+    configs = {name: trainer_config(tmp, name.replace(" ", "_"), None, {
+        **shape, "train.ds_config": REPO / "ds_configs" / ds, "train.compile": str(compiled).lower()})
+        for name, ds, compiled in CPU_RUNS}
+    cfg = configs["ZeRO-3"]
     size = measure(cfg.model, 1, SEQ)
-    model, optimizer = hf_setup(cfg, size.padded_vocab_size, device)
+    model = hf_model(cfg, size.padded_vocab_size)
+    optimizer = adamw(model, cfg)
     batches = corpus_batches(tmp / "corpus", steps, MICRO, SEQ)
     half = steps // 2
+
+    def hf(part: list[torch.Tensor]) -> list[float]:
+        return timed_steps(lambda b: model(input_ids=b, labels=b).loss, part, torch.Tensor.numel,
+                           cfg.train.grad_clip, model, optimizer)
+
     busy, total, own = cpu_ticks()
     peak = matmul_flops()
-    hf = hf_rates(model, optimizer, batches[:half], device, cfg.train.grad_clip)  # the baseline brackets ours
-    ours = run_ours(cfg)
-    hf = statistics.median(hf + hf_rates(model, optimizer, batches[half:], device, cfg.train.grad_clip))
+    hf_rates = hf(batches[:half])  # the baseline brackets ours
+    ours = {name: median(run_ours(c)["language"], "throughput/language_tokens_per_s") for name, c in configs.items()}
+    baseline = statistics.median(hf_rates + hf(batches[half:]))
+    teacher_cfg = trainer_config(tmp, "teacher", None, {
+        **shape, "train.language_steps": 1, "train.teacher_steps": steps, "train.steps": steps + 1,
+        "train.teacher_micro_batch": TEACHER_MICRO, "train.ds_config": REPO / "ds_configs" / "zero1.json"})
+    teacher_rows = run_ours(teacher_cfg)["teacher"]
+    # Propositions per real token over the batches the trainer's timed teacher steps took (the plain loop times
+    # the same batches).
+    taken = teacher_batches(teacher_cfg, steps)[WARMUP:]
+    props_per_token = sum(len(b["labels"]) for b in taken) / sum(int(b["lengths"].sum()) for b in taken)
+    ours_teacher = median(teacher_rows, "throughput/teacher_tokens_per_s") * props_per_token
+    plain_teacher = plain_teacher_rate(teacher_cfg, steps)
     busy2, total2, own2 = cpu_ticks()
     others = (busy2 - busy - (own2 - own)) / (total2 - total)
     assert torch.get_num_threads() == threads, "a run changed the torch thread count"
 
     flops = size.train_flops_per_token(SEQ)
-    hf_params = sum(p.numel() for p in model.parameters())
-    print(f"\ndevice {device}, fp32; torch threads {threads} (the default, left as is for both runs)")
+    print(f"\ndevice cpu, fp32; torch threads {threads} (the default, left as is for every run)")
     print(f"shape: gpt2 block, {cfg.model.n_layers} layers, d_model {cfg.model.d_model}, {cfg.model.n_heads} heads, "
-          f"seq {SEQ}, micro-batch {MICRO}, vocab {VOCAB} padded to {size.padded_vocab_size}")
-    print(f"params: ours {size.total_params:,}, HF {hf_params:,}; training FLOPs per token {flops / 1e6:.1f} M")
-    print(f"{steps} language steps each, median without warm-up: ours steps {WARMUP + 1}-{steps}; HF {half} steps "
-          f"before ours and {steps - half} after, less the first {WARMUP} of each")
-    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s (fp32 2048^2, measured in this run); other processes took "
-          f"{others:.0%} of the machine's CPU time during the timed runs\n")
-    print(f"{'':<38}{'tokens/s':>10}{'GFLOP/s':>10}{'of peak':>9}")
-    for name, rate in (("ours: train(), ZeRO-3, 1 process", ours), ("HF GPT2LMHeadModel + AdamW loop", hf)):
-        print(f"{name:<38}{rate:>10,.0f}{rate * flops / 1e9:>10.1f}{rate * flops / peak:>9.1%}")
-    print(f"{'ratio ours / HF':<38}{ours / hf:>10.2f}")
+          f"seq {SEQ}, micro-batch {MICRO}, vocab {VOCAB} padded to {size.padded_vocab_size}; training FLOPs per "
+          f"token {flops / 1e6:.1f} M")
+    print(f"{steps} language steps per run, median without the first {WARMUP}; the HF loop ran {half} steps before "
+          f"ours and {steps - half} after")
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s (fp32 2048^2, this run); other processes took {others:.0%} of the "
+          f"machine's CPU time during the timed runs\n")
+    print(f"{'language steps':<40}{'tokens/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'vs HF':>8}")
+    rows = {f"ours: train(), {name}": rate for name, rate in ours.items()} | {"HF GPT2LMHeadModel + AdamW": baseline}
+    for name, rate in rows.items():
+        print(f"{name:<40}{rate:>10,.0f}{rate * flops / 1e9:>10.1f}{rate * flops / peak:>9.1%}{rate / baseline:>8.2f}")
+    print(f"\n{'teacher steps (micro-batch ' + str(TEACHER_MICRO) + ', CoLA)':<40}{'props/s':>10}{'vs plain':>10}")
+    print(f"{'ours: train(), ZeRO-1':<40}{ours_teacher:>10,.1f}{ours_teacher / plain_teacher:>10.2f}")
+    print(f"{'plain loop, same FreeLM and batches':<40}{plain_teacher:>10,.1f}")
+    return {"device": "cpu", "threads": threads, "peak_flops": peak, "others_cpu_share": others,
+            "language_tokens_per_s": rows, "ratios_vs_hf": {k: v / baseline for k, v in rows.items()},
+            "teacher_props_per_s": {"ours_zero1": ours_teacher, "plain": plain_teacher}}
 
 
-def gpu_presets(tmp: Path, steps: int) -> None:
-    """Our trainer on the real presets in bf16; only ever called when CUDA is available."""
-    from pipeline.model.size import measure
+def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str, str, bool]]) -> dict:
+    """The shipped recipes on this GPU (or, rehearsing, on CPU)."""
+    from pipeline.plan import GIB, plan_run
 
+    cuda = torch.cuda.is_available()
     peak, source = peak_flops(None)
-    print(f"\nGPU presets, bf16 (zero3_bf16.json), MFU against {peak / 1e12:.0f} TFLOP/s ({source})")
-    print(f"{'preset':<8}{'seq':>6}{'micro':>7}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}")
-    for preset, seq, micro in GPU_RUNS:
-        cfg = trainer_config(tmp, preset, {"model.preset": preset}, seq, micro, steps, "zero3_bf16.json")
-        rate = run_ours(cfg)
-        achieved = rate * measure(cfg.model, 1, seq).train_flops_per_token(seq)
-        print(f"{preset:<8}{seq:>6}{micro:>7}{rate:>11,.0f}{achieved / 1e12:>9.1f}{achieved / peak:>7.1%}")
-        gc.collect()
-        torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name() if cuda else "cpu (rehearsal)"
+    print(f"\n{device}; MFU against {peak / 1e12:.2f} TFLOP/s ({source}); "
+          f"{steps} steps per run, interactive 1:1, medians without the first {WARMUP} of each signal")
+    print(f"{'recipe':<6}{'grid':<17}{'signal':<10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'plan':>7}")
+    results = []
+    for recipe in recipes:
+        for name, ds, compiled in runs:
+            cfg = trainer_config(tmp, f"{recipe}-{ds}-{compiled}", recipe, {
+                "train.steps": steps, "train.ds_config": REPO / "ds_configs" / ds,
+                "train.compile": str(compiled).lower(), "parallel.tensor_parallel": 1})
+            planned = plan_run(cfg, nodes=1, gpus_per_node=1, device="gpu" if cuda else "cpu", advise=False).memory.peak
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            found = run_ours(cfg)
+            used = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
+            for signal, rows in found.items():
+                rate, mfu = median(rows, f"throughput/{signal}_tokens_per_s"), median(rows, "throughput/mfu_percent")
+                results.append({"recipe": recipe, "grid": name, "signal": signal, "tokens_per_s": rate,
+                                "tflops": mfu / 100 * peak / 1e12, "mfu_percent": mfu, "peak_gib": used,
+                                "plan_gib": planned / GIB})
+                print(f"{recipe:<6}{name:<17}{signal:<10}{rate:>11,.0f}{mfu / 100 * peak / 1e12:>9.2f}"
+                      f"{mfu:>6.1f}%{used:>10.1f}{planned / GIB:>7.1f}")
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    return {"device": device, "peak_flops": peak, "peak_source": source, "runs": results}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="training steps per run (default 20)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--gpu", action="store_true", help="the GPU section only (fails without CUDA)")
+    parser.add_argument("--rehearse", action="store_true", help="the GPU section's code on CPU, tiny recipe")
+    parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
     if args.steps < 2 * (WARMUP + 1):
-        parser.error(f"--steps must be at least {2 * (WARMUP + 1)}: the baseline runs in two halves with warm-up")
-    cuda = torch.cuda.is_available()
-    if not cuda:
+        parser.error(f"--steps must be at least {2 * (WARMUP + 1)}: medians leave out {WARMUP} warm-up steps")
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: no CUDA device (torch.cuda.is_available() is False)")
+    if not args.gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before anything imports deepspeed
     # DeepSpeed's ZeRO-3 calls collectives that torch deprecates, and torch warns on every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prepare_data(Path(args.data), tmp)
-        compare(tmp, args.steps, "cuda" if cuda else "cpu")
-        if cuda:
-            gpu_presets(tmp, args.steps)
+        prepare_data(Path(args.data), tmp, gpt2_vocab=args.gpu)
+        if args.gpu:
+            results = gpu_recipes(tmp, args.steps, GPU_RECIPES, GPU_RUNS)
+        elif args.rehearse:
+            results = gpu_recipes(tmp, args.steps, ["tiny"], REHEARSAL_RUNS)
+        else:
+            results = compare_cpu(tmp, args.steps)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,12 @@ class DataConfig:
     corpora: list[str] = field(default_factory=list)  # indexed-dataset prefixes (freelm data corpus --out)
     corpus_weights: list[float] | None = None  # blending weights, one per corpus (default: by size)
     teacher: str = ""  # a propositions prefix, e.g. data/teacher/train (freelm data tasks)
-    seq_len: int | None = None  # language sample length (default: model.max_seq_len); propositions are cut to it
+    seq_len: int | None = None  # language sample length (default: model.max_seq_len)
+    teacher_seq_len: int | None = None  # propositions are cut to it from the input side (default: seq_len)
     num_workers: int = 1  # loader worker processes per stream
+    # Teacher steps' propositions are drawn in windows of this many steps: each window is sorted by length and
+    # cut into steps (and micro-batches) of similar length, little padded; the steps are shuffled (1: off).
+    teacher_length_window: int = 64
 
 
 @dataclass
@@ -50,7 +54,8 @@ class TrainConfig:
     teacher_weight: float = 1.0
     micro_batch: int = 8  # language sequences per micro-step per data-parallel rank
     teacher_micro_batch: int = 32  # propositions per micro-step per data-parallel rank
-    grad_accum: int = 1
+    grad_accum: int = 1  # language micro-batches per step
+    teacher_grad_accum: int = 1  # teacher micro-batches per step: few, large ones (each pays ZeRO's gathers)
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
@@ -66,6 +71,7 @@ class TrainConfig:
     exit_after: int | None = None  # stop (with a checkpoint) after this many steps in this job
     max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block (regional compilation)
     init_from: str | None = None  # a local Hugging Face GPT-2/LLaMA directory to start from (teacher head fresh)
     init_teacher_task: int = 0  # init_from in the FreeLM authors' layout: the (binary) task whose head is the teacher's
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs, or a matmul measured on CPU
@@ -93,7 +99,7 @@ class Config:
         self.model.validate(self.parallel.tensor_parallel)
         train = self.train
         positive = ("steps", "language_steps", "micro_batch", "teacher_micro_batch", "grad_accum",
-                    "save_every", "log_every", "max_consecutive_skips")
+                    "teacher_grad_accum", "save_every", "log_every", "max_consecutive_skips")
         for key in positive:
             if getattr(train, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
@@ -105,12 +111,18 @@ class Config:
         if train.teacher_steps < 0 or (train.teacher_steps == 0 and train.schedule == "mixed"):
             raise ConfigError(f"train.teacher_steps must be >= 1 (0 only with the interactive schedule: a "
                               f"language-only run), got {train.teacher_steps}")
+        if self.data.teacher_length_window < 1:
+            raise ConfigError(f"data.teacher_length_window must be >= 1 (1: no length grouping), got "
+                              f"{self.data.teacher_length_window}")
         if self.data.seq_len is None:
             self.data.seq_len = self.model.max_seq_len
-        if self.data.seq_len > self.model.max_seq_len:
-            raise ConfigError(
-                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
-            )
+        if self.data.teacher_seq_len is None:
+            self.data.teacher_seq_len = self.data.seq_len
+        for key in ("seq_len", "teacher_seq_len"):
+            if getattr(self.data, key) > self.model.max_seq_len:
+                raise ConfigError(
+                    f"data.{key} ({getattr(self.data, key)}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+                )
         weights = self.data.corpus_weights
         if weights is not None and len(weights) != len(self.data.corpora):
             raise ConfigError(

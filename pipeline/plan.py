@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
+from pipeline.model.lm_loss import chunk_positions
 from pipeline.model.size import ModelSize, measure
 from pipeline.parallel.ds_config import deepspeed_config, precision as ds_precision
 from pipeline.train.schedule import LANGUAGE, TEACHER, Schedule
@@ -78,12 +79,12 @@ class Plan:
         return asdict(self)
 
 
-def block_activation_bytes(cfg: Config, tokens: int, tp: int, elem: int, fused_attention: bool) -> int:
-    """Bytes one decoder block saves for backward over `tokens` positions (batch x seq) on one TP rank,
+def block_activation_bytes(cfg: Config, batch: int, seq: int, tp: int, elem: int, fused_attention: bool) -> int:
+    """Bytes one decoder block saves for backward over batch x seq positions on one TP rank,
     counted from our blocks: the norm inputs, the inputs of every linear layer, q/k/v and the attention
     output, the MLP's intermediate tensors and (with dropout) 1-byte masks. Without a fused attention
     kernel the attention probabilities (batch x heads x seq^2) are saved too."""
-    m, seq = cfg.model, cfg.data.seq_len
+    m, tokens = cfg.model, batch * seq
     hidden = tokens * m.d_model * elem
     # attn norm input, qkv input, q/k/v, attention output, proj input, mlp norm input, mlp input
     saved = hidden * (4 + 5 / tp)
@@ -97,11 +98,11 @@ def block_activation_bytes(cfg: Config, tokens: int, tp: int, elem: int, fused_a
     return int(saved)
 
 
-def activation_bytes(cfg: Config, batch: int, tp: int, elem: int, fused: bool, checkpointing: bool) -> int:
+def activation_bytes(cfg: Config, batch: int, seq: int, tp: int, elem: int, fused: bool, checkpointing: bool) -> int:
     """One micro-batch's saved activations for the whole model: every block's (or, with activation
     checkpointing, every block's input plus one block recomputed at a time) and the final norm's."""
-    tokens = batch * cfg.data.seq_len
-    block = block_activation_bytes(cfg, tokens, tp, elem, fused)
+    tokens = batch * seq
+    block = block_activation_bytes(cfg, batch, seq, tp, elem, fused)
     layers = cfg.model.n_layers
     kept = layers * tokens * cfg.model.d_model * elem + block if checkpointing else layers * block
     return int(kept + 2 * tokens * cfg.model.d_model * elem)
@@ -144,7 +145,7 @@ def plan_run(
     schedule = Schedule.from_config(train)
     steps = {LANGUAGE: schedule.count(LANGUAGE, train.steps), TEACHER: schedule.count(TEACHER, train.steps)}
     per_step = {LANGUAGE: train.micro_batch * train.grad_accum * dp * cfg.data.seq_len,
-                TEACHER: train.teacher_micro_batch * train.grad_accum * dp * cfg.data.seq_len}
+                TEACHER: train.teacher_micro_batch * train.teacher_grad_accum * dp * cfg.data.teacher_seq_len}
     elem = 4 if precision == "fp32" else 2
     checkpoint = 12 * psi * tp + (elem * psi * tp if stage < 3 else elem * size.vector_params_per_tp_rank * tp)
     capacity = int(gpu_memory_gib * GIB)
@@ -155,7 +156,7 @@ def plan_run(
         activation_checkpointing=train.activation_checkpointing, vocab_size=cfg.model.vocab_size,
         vocab_source=vocab_source, params_total=size.total_params + teacher_params, params_per_device=psi,
         steps=steps, tokens_per_step=per_step,
-        propositions_per_step=train.teacher_micro_batch * train.grad_accum * dp,
+        propositions_per_step=train.teacher_micro_batch * train.teacher_grad_accum * dp,
         tokens_total={k: steps[k] * per_step[k] for k in steps}, memory=memory, gpu_memory=capacity,
         fits=fits, advice="", checkpoint_bytes=int(checkpoint),
         keep_checkpoints=train.keep_checkpoints, notes=notes,
@@ -182,13 +183,15 @@ def device_memory(
     optimizer = 0 if offload_opt else 12 * (sharded if stage >= 1 else psi)
     # Working set of a forward/backward.
     fused = device == "gpu" or not cfg.model.dropout
-    with_ckpt = {s: activation_bytes(cfg, b, tp, elem, fused, True) for s, b in
-                 ((LANGUAGE, train.micro_batch), (TEACHER, train.teacher_micro_batch))}
-    without = {s: activation_bytes(cfg, b, tp, elem, fused, False) for s, b in
-               ((LANGUAGE, train.micro_batch), (TEACHER, train.teacher_micro_batch))}
+    shapes = ((LANGUAGE, train.micro_batch, cfg.data.seq_len), (TEACHER, train.teacher_micro_batch, cfg.data.teacher_seq_len))
+    with_ckpt = {s: activation_bytes(cfg, b, n, tp, elem, fused, True) for s, b, n in shapes}
+    without = {s: activation_bytes(cfg, b, n, tp, elem, fused, False) for s, b, n in shapes}
     chosen = with_ckpt if train.activation_checkpointing else without
-    logit_elems = train.micro_batch * cfg.data.seq_len * size.padded_vocab_size // tp
-    logits = logit_elems * (4 + (elem if elem < 4 else 0))
+    # The fused LM loss holds one chunk of positions' logits: fp32, their bf16/fp16 matmul output, and in
+    # backward the fp32 probabilities.
+    shard = size.padded_vocab_size // tp
+    logit_elems = min(train.micro_batch * cfg.data.seq_len, chunk_positions(shard)) * shard
+    logits = logit_elems * (8 + (elem if elem < 4 else 0))
     # ZeRO-3 holds the running block's parameters, those prefetched ahead of it, and those it will reuse soon
     # (e.g. the last blocks between forward and backward); DeepSpeed's defaults (1e9) can keep a whole model.
     ahead = min(zero["stage3_prefetch_bucket_size"] + zero["stage3_max_reuse_distance"], zero["stage3_max_live_parameters"])
@@ -204,7 +207,7 @@ def device_memory(
     else:
         step = 4 * sharded
     runtime = GPU_RUNTIME_BYTES if device == "gpu" else 0
-    transients = {"fp32 logits of one language micro-batch": logits, "ZeRO-3 gathered parameters": live,
+    transients = {"the fused LM loss's logits chunk": logits, "ZeRO-3 gathered parameters": live,
                   "gradient reduce buckets": buckets, "optimizer step's fp32 gradient copy": step}
     largest = max(transients, key=transients.get)
     states = params + grads + optimizer
@@ -273,7 +276,7 @@ def format_plan(plan: Plan) -> str:
         ("  gradients", gib(m.grads)),
         ("  optimizer state", gib(m.optimizer) + (" (offloaded to CPU)" if plan.offload_optimizer else "")),
         ("  activations", f"{gib(m.activations)} (language {gib(m.activations_language)}, teacher at full "
-                          f"data.seq_len {gib(m.activations_teacher)}); without checkpointing {gib(m.activations_without_checkpointing)}, "
+                          f"data.teacher_seq_len {gib(m.activations_teacher)}); without checkpointing {gib(m.activations_without_checkpointing)}, "
                           f"with {gib(m.activations_with_checkpointing)}"),
         ("  transient buffers", f"logits {gib(m.logits)}, ZeRO-3 live {gib(m.zero3_live)}, grad buckets "
                                 f"{gib(m.grad_buckets)}, optimizer step {gib(m.step_buffer)}; largest: {m.largest_transient}"),

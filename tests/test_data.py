@@ -66,6 +66,8 @@ def test_hf_gpt2_tokenizer_gets_the_special_tokens(tmp_path):
     ids = tok.encode("the tyger [sep] it burns. [cls]")
     assert ids.count(tok.special.sep) == 1 and ids[-1] == tok.special.cls
     assert tok.vocab_size == 503  # pad, [sep], [cls] added
+    texts = ["the tyger [sep] it burns. [cls]", "", "Tyger Tyger, burning bright\nIn the forests of the night"]
+    assert tok.encode_batch(texts) == [tok.tok.encode(t, add_special_tokens=False) for t in texts]
     tok.save(tmp_path / "imported")
     assert load_tokenizer(tmp_path / "imported").encode("the tyger [cls]") == tok.encode("the tyger [cls]")
 
@@ -156,7 +158,8 @@ def _take(loader, n):
     return [next(it) for _ in range(n)]
 
 
-def test_teacher_loader_shards_and_resumes_mid_epoch(tok_dir, tmp_path):
+@pytest.mark.parametrize("length_window", [1, 4])
+def test_teacher_loader_shards_and_resumes_mid_epoch(tok_dir, tmp_path, length_window):
     from pipeline.data.loaders import teacher_loader
     from pipeline.data.propositions import build_propositions
     from pipeline.data.tokenizer import load_tokenizer
@@ -165,7 +168,8 @@ def test_teacher_loader_shards_and_resumes_mid_epoch(tok_dir, tmp_path):
     build_propositions(TASKS_YAML, "dev", tok_dir, tmp_path, only=["rte"])  # 554 propositions
 
     def loader(rank, consumed=0):
-        return teacher_loader(str(tmp_path / "dev"), 64, pad, 8, rank, 2, seed=3, consumed_samples=consumed)
+        return teacher_loader(str(tmp_path / "dev"), 64, pad, 8, rank, 2, seed=3, consumed_samples=consumed,
+                              length_window=length_window)
 
     # 554 / 16 per step: step 35 crosses into the second (reshuffled) epoch.
     full = _take(loader(0), 40)
@@ -180,6 +184,29 @@ def test_teacher_loader_shards_and_resumes_mid_epoch(tok_dir, tmp_path):
     batch = full[0]
     assert (batch["tokens"][torch.arange(8), batch["lengths"] - 1] == load_tokenizer(tok_dir).special.cls).all()
     assert (batch["tokens"][torch.arange(batch["tokens"].shape[1])[None] >= batch["lengths"][:, None]] == pad).all()
+
+
+def test_length_grouping_reorders_within_windows_into_micro_batches_of_similar_length(tok_dir, tmp_path):
+    from pipeline.data.loaders import teacher_loader
+    from pipeline.data.propositions import build_propositions
+    from pipeline.data.tokenizer import load_tokenizer
+
+    pad = load_tokenizer(tok_dir).special.pad
+    build_propositions(TASKS_YAML, "dev", tok_dir, tmp_path, only=["rte"])
+
+    def global_batches(window: int) -> list[list[tuple[int, ...]]]:
+        """8 steps of 2 ranks x 8 propositions: each step's propositions (unpadded), both ranks together."""
+        ranks = [_take(teacher_loader(str(tmp_path / "dev"), 64, pad, 8, r, 2, seed=3, length_window=window), 8)
+                 for r in (0, 1)]
+        return [[tuple(row[:n].tolist()) for b in (a, b) for row, n in zip(b["tokens"], b["lengths"])]
+                for a, b in zip(*ranks)]
+
+    plain, grouped = global_batches(1), global_batches(4)
+    for start in (0, 4):  # two windows of 4 steps: the same propositions, regrouped by length
+        assert sorted(sum(plain[start:start + 4], [])) == sorted(sum(grouped[start:start + 4], []))
+        spans = sorted((min(map(len, b)), max(map(len, b))) for b in grouped[start:start + 4])
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:])), spans
+    assert [len(b) for b in grouped] == [16] * 8 and grouped[:4] != plain[:4]
 
 
 def test_language_loader_resumes_and_stops_at_the_end(tok_dir, corpora, tmp_path, parallel_1):

@@ -61,5 +61,5 @@ def test_the_run_link_opens_the_training_view_with_the_losses_first(data, tmp_pa
         server.stop()
     assert re.search(r'role="tab" aria-selected="true"[^>]*content-model-metrics', dom)
     sections = [(name, int(n)) for name, n in SECTION.findall(dom) if name != "Model metrics"]  # all charts
-    assert sections == [("loss", 2), ("perplexity", 1), ("teacher", 1), ("throughput", 2), ("train", 3),
+    assert sections == [("loss", 2), ("perplexity", 1), ("teacher", 1), ("throughput", 3), ("train", 3),
                         ("zeroshot/dev/cola", 3), ("zeroshot/dev/sst2", 3)]

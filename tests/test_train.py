@@ -79,6 +79,14 @@ def test_schedule_patterns():
     assert learning_rate(10, cfg) == 1.0 and abs(learning_rate(100, cfg) - 0.1) < 1e-9
 
 
+def test_mfu_peaks_by_device_name():
+    from pipeline.train.throughput import gpu_peak
+
+    names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A10G",
+             "NVIDIA A10", "NVIDIA A100-SXM4-80GB"]
+    assert [gpu_peak(name) for name in names] == [989e12, 756e12, 835e12, 989e12, None, 125e12, 312e12]
+
+
 def test_zero3_dp2_trains_both_signals_with_the_deepspeed_launcher(data, tmp_path):
     run = tmp_path / "run"
     out = launch("deepspeed", 2, overrides(data, run, **{"train.steps": 60}))
@@ -89,8 +97,10 @@ def test_zero3_dp2_trains_both_signals_with_the_deepspeed_launcher(data, tmp_pat
     assert len(language) == len(teacher) == 30  # interactive 1:1
     assert sum(language[-5:]) < sum(language[:5]) * 0.9
     assert sum(teacher[-8:]) < sum(teacher[:8]) * 0.9
-    assert all(key in rows[-1] for key in ("train/lr", "train/grad_norm", "throughput/tokens_per_s",
+    assert all(key in rows[-1] for key in ("train/lr", "train/grad_norm", "throughput/teacher_tokens_per_s",
                                              "throughput/mfu_percent"))
+    assert "throughput/language_tokens_per_s" in rows[-2] and "throughput/language_tokens_per_s" not in rows[-1]
+    assert max(row["throughput/mfu_percent"] for row in rows) < 100  # the CPU peak is not understated
     assert (run / "checkpoints" / "latest").read_text() == "step_00000060"
     from mlflow.tracking import MlflowClient
 
@@ -209,6 +219,30 @@ def test_zero_stages_and_activation_checkpointing_give_the_same_losses(data, tmp
     reference = torch.tensor(losses(tmp_path / "zero3"))
     for name in ("ac", "run1", "run2"):
         torch.testing.assert_close(torch.tensor(losses(tmp_path / name)), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_micro_batches_train_as_the_whole_batch(data, tmp_path):
+    """A step over two micro-batches of each signal (`grad_accum`, `teacher_grad_accum`, each backward scaled
+    by DeepSpeed's boundary left to the trainer) equals one micro-batch twice the size: the same sequences and
+    propositions per step (length grouping works per step), the same losses, hence the same updates."""
+    steps = {"train.steps": 6}
+    run_ranks(train_rank, 1, overrides(data, tmp_path / "whole", **steps))
+    run_ranks(train_rank, 1, overrides(data, tmp_path / "accumulated", **steps, **{
+        "train.micro_batch": 4, "train.grad_accum": 2, "train.teacher_micro_batch": 8, "train.teacher_grad_accum": 2}))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "accumulated")), torch.tensor(losses(tmp_path / "whole")),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_blocks_give_the_eager_losses_at_tp1_and_tp2(data, tmp_path):
+    """ZeRO-3 (fp32) with `train.compile`: every block compiled by inductor, DeepSpeed's hooks splitting the
+    graphs; TP=2's compiled blocks hold megatron-core's parallel layers."""
+    steps = {"train.steps": 4}
+    for tp in (1, 2):
+        grid = {"parallel.tensor_parallel": tp}
+        run_ranks(train_rank, tp, overrides(data, tmp_path / f"eager{tp}", **steps, **grid))
+        run_ranks(train_rank, tp, overrides(data, tmp_path / f"compiled{tp}", **steps, **grid, **{"train.compile": "true"}))
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / f"compiled{tp}")),
+                                   torch.tensor(losses(tmp_path / f"eager{tp}")), rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_zero3_trains(data, tmp_path):

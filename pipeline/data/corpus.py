@@ -15,6 +15,7 @@ file. A corrupt compressed stream counts as one bad record and ends that file.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -55,26 +56,30 @@ class CorpusStats:
 
 @dataclass
 class Encoded:
-    """A batch's token ids (good records only), its bad records' messages, and the file it came from."""
+    """A batch's token ids (good records only, as arrays of the corpus dtype: cheap to send back), its bad
+    records' messages, and the file it came from."""
 
     path: str
-    ids: list[list[int]]
+    ids: list[np.ndarray]
     errors: list[str]
     nbytes: int
     ends_document: bool
 
 
 _worker_tokenizer: Tokenizer | None = None
+_worker_dtype: type = np.int32
 
 
-def _init_worker(tokenizer_dir: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+def _init_worker(tokenizer_dir: str, dtype: type) -> None:
+    global _worker_tokenizer, _worker_dtype
+    # One tokenizer thread per worker: the workers are the parallelism (Hugging Face's would oversubscribe).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer, _worker_dtype = load_tokenizer(tokenizer_dir), dtype
 
 
 def _encode(batch: Batch) -> Encoded:
     texts, errors = batch_texts(batch)
-    ids = _worker_tokenizer.encode_batch(texts) if texts else []
+    ids = [np.asarray(x, dtype=_worker_dtype) for x in _worker_tokenizer.encode_batch(texts)] if texts else []
     return Encoded(batch.path, ids, errors, batch.nbytes, batch.ends_document)
 
 
@@ -112,7 +117,7 @@ def build_corpus(
     eos = np.asarray([tokenizer.special.eos], dtype=dtype)
     start = time.perf_counter()
     try:
-        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir),)) as pool, progress(
+        with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_dir), dtype)) as pool, progress(
             total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="tokenizing", mininterval=1.0
         ) as bar:
             for result in _in_order(pool, read_batches(sources, text_field), IN_FLIGHT * workers):
@@ -122,7 +127,7 @@ def build_corpus(
                     stats.skipped[result.path] = stats.skipped.get(result.path, 0) + len(result.errors)
                     stats.first_skipped.setdefault(result.path, result.errors[0])
                 for k, ids in enumerate(result.ids):
-                    pending.append(np.asarray(ids, dtype=dtype))
+                    pending.append(ids)
                     if result.ends_document or k < len(result.ids) - 1:
                         doc = np.concatenate([*pending, eos])
                         builder.add_document(doc, [doc.size])

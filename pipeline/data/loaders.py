@@ -53,14 +53,41 @@ class EpochShuffled(Dataset):
 
     def __init__(self, dataset: Any, seed: int):
         self.dataset, self.seed = dataset, seed
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        self._perms: dict[int, np.ndarray] = {}  # the last two epochs' (a batch may straddle them)
 
     def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.index(i)]
+
+    def index(self, i: int) -> int:
+        """The dataset item that sample i of the stream is."""
         epoch, pos = divmod(i, len(self.dataset))
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-        return self.dataset[int(self._perm[pos])]
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        return int(self._perms[epoch][pos])
+
+
+class LengthGrouped(Dataset):
+    """A stream reordered within windows of `window` groups of `group` samples (one optimizer step's, over
+    all micro-batches and data-parallel ranks): each window's samples are sorted by length, cut into groups,
+    and those are shuffled (seeded by the window), so a micro-batch holds similar lengths and pads little,
+    and a step takes the same propositions however it is split into micro-batches. The reordering is a fixed
+    function of the position, so a loader resumed at any micro-batch boundary continues exactly."""
+
+    def __init__(self, stream: EpochShuffled, lengths: np.ndarray, group: int, window: int, seed: int):
+        self.stream, self.lengths, self.group, self.window, self.seed = stream, lengths, group, window, seed
+        self._window, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def __getitem__(self, i: int) -> Any:
+        size = self.group * self.window
+        window, pos = divmod(i, size)
+        if window != self._window:
+            first = window * size
+            lengths = self.lengths[[self.stream.index(first + k) for k in range(size)]]
+            by_length = np.argsort(lengths, kind="stable").reshape(self.window, self.group)
+            shuffled = np.random.default_rng([self.seed, window]).permutation(self.window)
+            self._window, self._order = window, by_length[shuffled].reshape(-1)
+        return self.stream[window * size + int(self._order[pos])]
 
 
 class _RankBatches:
@@ -149,10 +176,15 @@ def collate_teacher(pad_id: int, samples: list[tuple[np.ndarray, int, int]]) -> 
 
 def teacher_loader(
     prefix: str, max_len: int, pad_id: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int,
-    consumed_samples: int = 0, num_workers: int = 0,
+    consumed_samples: int = 0, num_workers: int = 0, length_window: int = 1, grad_accum: int = 1,
 ) -> StreamLoader:
-    """Endless, reshuffled each epoch."""
-    dataset = EpochShuffled(PropositionDataset(prefix, max_len), seed)
+    """Endless, reshuffled each epoch; grouped by length over windows of `length_window` steps of
+    `grad_accum` micro-batches."""
+    propositions = PropositionDataset(prefix, max_len)
+    dataset = EpochShuffled(propositions, seed)
+    if length_window > 1:
+        group = micro_batch * grad_accum * dp_size
+        dataset = LengthGrouped(dataset, propositions.lengths(), group, length_window, seed)
     return StreamLoader(dataset, functools.partial(collate_teacher, pad_id), micro_batch, dp_rank, dp_size, consumed_samples,
                         num_workers=num_workers)
 

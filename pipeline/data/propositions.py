@@ -137,6 +137,10 @@ class PropositionDataset:
     def __len__(self) -> int:
         return len(self.meta)
 
+    def lengths(self) -> np.ndarray:
+        """Each item's length in tokens, as `__getitem__` returns it."""
+        return np.minimum(self.tokens.sequence_lengths, self.max_len)
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
         row = self.meta[i]
         ids = truncate(self.tokens[i], int(row["input_len"]), self.max_len)

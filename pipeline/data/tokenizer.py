@@ -116,7 +116,10 @@ class HFTokenizer(Tokenizer):
         return self.tok.encode(text, add_special_tokens=False)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+        if not self.tok.is_fast:
+            return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+        # A fast tokenizer's `tokenizers` backend directly: the same ids without transformers' per-call work.
+        return [e.ids for e in self.tok.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids))

@@ -16,17 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch.distributed import ProcessGroup
-from pipeline.progress import progress
 
 from pipeline.data.loaders import right_pad
 from pipeline.data.propositions import proposition_tail, truncate
 from pipeline.data.tasks import Proposition
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.model.freelm import FreeLM
-
-HEAD_ROWS = 1024  # positions per LM-head call: bounds the (rows, vocab / TP) logits held at once
+from pipeline.progress import progress
 
 
 @dataclass(frozen=True)
@@ -128,11 +125,9 @@ def score_batch(model: FreeLM, items: Sequence[Item], pad: int, device: torch.de
 
 
 def token_logprobs(model: FreeLM, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for final-norm hidden states (positions, d_model): the tied LM head over this rank's
-    vocab shard, then megatron's vocab-parallel cross-entropy (in fp32, as in training)."""
-    parts = [-vocab_parallel_cross_entropy(model.lm_head(hidden[i:i + HEAD_ROWS]).float(), targets[i:i + HEAD_ROWS])
-             for i in range(0, len(hidden), HEAD_ROWS)]
-    return torch.cat(parts)
+    """log p(target) for final-norm hidden states (positions, d_model): the tied LM head's fused, chunked,
+    vocab-parallel cross-entropy, in fp32, as in training."""
+    return -model.lm_head(hidden, targets)
 
 
 def proposition_items(tokenizer: Tokenizer, props: Sequence[Proposition], max_len: int) -> tuple[list[Item], list[str]]:

@@ -13,11 +13,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import (
-    VocabParallelEmbedding,
-    copy_to_tensor_model_parallel_region,
-    vocab_parallel_cross_entropy,
-)
+from megatron.core.tensor_parallel import VocabParallelEmbedding, copy_to_tensor_model_parallel_region
 from megatron.core.utils import get_pg_size, get_tensor_model_parallel_group_if_none
 from torch import nn
 from torch.distributed import ProcessGroup
@@ -25,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.layers import Block, LearnedPositions, make_norm, normal_init
+from pipeline.model.lm_loss import linear_cross_entropy
 
 Signal = Literal["language", "teacher"]
 
@@ -64,15 +61,21 @@ class TeacherHead(nn.Module):
 
 class TiedLMHead(nn.Module):
     """Vocab-parallel LM head whose weight is the input embedding's. The input is copied into the TP
-    region so its gradient is summed over the ranks' vocab shards."""
+    region so its gradient is summed over the ranks' vocab shards. Given targets it returns -log p(target)
+    per position instead of logits, never holding a whole micro-batch's logits (`lm_loss`); the loss runs
+    inside this module's forward so that ZeRO-3 gathers the weight for it."""
 
     def __init__(self, embedding: VocabParallelEmbedding):
         super().__init__()
         self.weight = embedding.weight
         self.tp_group = embedding.tp_group
+        self.loss_chunk: int | None = None  # positions per loss chunk (None: lm_loss.chunk_positions)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tensor_model_parallel_region(h, group=self.tp_group), self.weight)
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        if targets is None:
+            return F.linear(h, self.weight)
+        return linear_cross_entropy(h, self.weight, targets, self.tp_group, self.loss_chunk)
 
 
 class FreeLM(nn.Module):
@@ -128,10 +131,9 @@ class FreeLM(nn.Module):
         Teacher: right-padded `tokens`, `lengths` (batch,) of real tokens, optional 0/1 `labels`."""
         h = self.trunk(tokens)
         if signal == "language":
-            logits = self.lm_head(self.norm(h))
             if targets is None:
-                return LanguageOutput(logits=logits)
-            token_loss = vocab_parallel_cross_entropy(logits.float(), targets)
+                return LanguageOutput(logits=self.lm_head(self.norm(h)))
+            token_loss = self.lm_head(self.norm(h), targets)
             mask = torch.ones_like(token_loss) if loss_mask is None else loss_mask.to(token_loss.dtype)
             loss = (token_loss * mask).sum() / mask.sum().clamp(min=1)
             # The teacher head joins with weight 0 so every parameter gets a gradient at every step: ZeRO's

@@ -23,7 +23,8 @@ class ModelSize:
     block_params_per_tp_rank: int  # one decoder block, as one TP rank holds it
     vector_params_per_tp_rank: int  # 1-D tensors (norms, biases): what ZeRO-3 keeps resident below its threshold
     flops_per_token: int
-    dense_flops_per_token: int
+    dense_flops_per_token: int  # 6 x (non-embedding params + the LM head's matmul)
+    lm_head_flops_per_token: int
     attention_flops_per_position: int
     vocab_size: int
     padded_vocab_size: int
@@ -32,6 +33,12 @@ class ModelSize:
 
     def train_flops_per_token(self, seq_len: int) -> int:
         return self.dense_flops_per_token + self.attention_flops_per_position * seq_len
+
+    def teacher_train_flops(self, lengths: list[int]) -> int:
+        """FLOPs the teacher signal computes usefully on propositions of these lengths: no LM head (its head
+        is d_model x 2), and padding not counted."""
+        trunk = self.dense_flops_per_token - self.lm_head_flops_per_token
+        return sum(trunk * n + self.attention_flops_per_position * n * n for n in lengths)
 
 
 def measure(cfg: ModelConfig, tp: int = 1, seq_len: int | None = None) -> ModelSize:
@@ -57,7 +64,8 @@ def measure(cfg: ModelConfig, tp: int = 1, seq_len: int | None = None) -> ModelS
 
     per_rank = sum(local(p) for p in params)
     non_embedding = sum(p.numel() for p in params if id(p) not in embeddings)
-    dense = 6 * (non_embedding + padded * cfg.d_model)
+    lm_head = 6 * padded * cfg.d_model
+    dense = 6 * non_embedding + lm_head
     attention = 12 * cfg.n_layers * cfg.d_model
     return ModelSize(
         total_params=total,
@@ -68,6 +76,7 @@ def measure(cfg: ModelConfig, tp: int = 1, seq_len: int | None = None) -> ModelS
         vector_params_per_tp_rank=sum(local(p) for p in model.parameters() if p.dim() == 1),
         flops_per_token=dense + attention * seq_len,
         dense_flops_per_token=dense,
+        lm_head_flops_per_token=lm_head,
         attention_flops_per_position=attention,
         vocab_size=cfg.vocab_size,
         padded_vocab_size=padded,

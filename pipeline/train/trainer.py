@@ -1,8 +1,8 @@
 """`freelm train`: the FreeLM recipe under DeepSpeed ZeRO over megatron-core tensor parallelism.
 
-Each optimizer step trains the signal(s) the schedule names, over `grad_accum` micro-batches per
-data-parallel rank. Rank 0 logs both loss streams, teacher accuracy, learning rate, grad norm, tokens/s
-and MFU. Checkpoints carry the step and both streams' positions; a run directory with a checkpoint
+Each optimizer step trains the signal(s) the schedule names, over `grad_accum` language or
+`teacher_grad_accum` teacher micro-batches per data-parallel rank. Rank 0 logs both loss streams, teacher
+accuracy, learning rate, grad norm, each signal's tokens/s and MFU. Checkpoints carry the step and both streams' positions; a run directory with a checkpoint
 resumes from it.
 """
 
@@ -32,7 +32,7 @@ from pipeline.model.freelm import FreeLM
 from pipeline.model.size import measure
 from pipeline.parallel.distributed import destroy_parallel, init_parallel
 from pipeline.parallel.ds_config import deepspeed_config, precision as ds_precision
-from pipeline.parallel.engine import build_engine, build_model
+from pipeline.parallel.engine import build_engine, build_model, compile_blocks
 from pipeline.plan import GIB, plan_run
 from pipeline.checkpoint import io as checkpoint
 from pipeline.train.host_memory import release_large_frees
@@ -85,8 +85,9 @@ class TrainState:
 @dataclass
 class StepResult:
     metrics: dict[str, float]
-    tokens: int  # token positions computed, over all data-parallel ranks
-    flops: float  # model FLOPs of those tokens (forward + backward)
+    # Over all data-parallel ranks: "<signal>_tokens" (real tokens, no padding) per signal trained, and
+    # "flops" (the model FLOPs computed on them, forward + backward).
+    counts: dict[str, float]
 
 
 class Trainer:
@@ -116,6 +117,8 @@ class Trainer:
                                         cfg.train.init_teacher_task)
                 log.info(f"initialised from {init_from}: {stats} on rank 0")
             model.activation_checkpointing = cfg.train.activation_checkpointing
+            if cfg.train.compile:
+                compile_blocks(model.blocks)
             optimizer, self.optimizer_name = make_optimizer(model, cfg.train, self.ds_config)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
@@ -148,9 +151,11 @@ class Trainer:
                                       num_workers=cfg.data.num_workers),
         }
         if self.schedule.count(TEACHER, train.steps):
-            streams[TEACHER] = teacher_loader(cfg.data.teacher, cfg.data.seq_len, self.tokenizer.special.pad,
+            streams[TEACHER] = teacher_loader(cfg.data.teacher, cfg.data.teacher_seq_len, self.tokenizer.special.pad,
                                               train.teacher_micro_batch, self.dp_rank, self.dp_size, train.seed,
-                                              num_workers=cfg.data.num_workers)
+                                              num_workers=cfg.data.num_workers,
+                                              length_window=cfg.data.teacher_length_window,
+                                              grad_accum=train.teacher_grad_accum)
         for name, stream in streams.items():
             if name in self.state.streams:
                 stream.load_state_dict(self.state.streams[name])
@@ -202,34 +207,49 @@ class Trainer:
         return state
 
     def _step(self, iterators: dict[str, Any], signals: tuple[str, ...]) -> StepResult:
-        """One optimizer step over `grad_accum` micro-batches; metrics are averaged over micro-batches and
-        data-parallel ranks with one all-reduce (and no device sync before it)."""
+        """One optimizer step. Each signal it trains contributes its own micro-batches (`grad_accum` language,
+        `teacher_grad_accum` teacher), each backward scaled so the step's gradient is the mean over them
+        (weighted per signal when both train). Metrics are averaged over micro-batches and data-parallel
+        ranks with one all-reduce (and no device sync before it)."""
         train = self.train_cfg
+        accum = {LANGUAGE: train.grad_accum, TEACHER: train.teacher_grad_accum}
+        weights = {LANGUAGE: train.language_weight, TEACHER: train.teacher_weight} if len(signals) > 1 else \
+            dict.fromkeys(signals, 1.0)
+        micro_batches = [name for name in signals for _ in range(accum[name])]
         sums: dict[str, torch.Tensor] = {}
-        tokens = flops = 0.0
-        weights = {LANGUAGE: train.language_weight, TEACHER: train.teacher_weight}
-        for _ in range(train.grad_accum):
-            total = 0.0
-            for name in signals:
-                batch = {k: v.to(self.engine.device) for k, v in next(iterators[name]).items()}
-                with phase(f"{name} forward (ZeRO-3 parameter all-gathers, TP all-reduces)"):
-                    loss, extra = self._forward(name, batch)
-                total = total + (weights[name] * loss if len(signals) > 1 else loss)
-                for key, value in {f"loss/{name}": loss.detach(), **extra}.items():
-                    sums[key] = sums.get(key, 0.0) + value.double()
-                positions = batch["tokens"].numel()
-                tokens += positions
-                flops += positions * self.size.train_flops_per_token(batch["tokens"].shape[1])
-            with phase("backward and optimizer step (ZeRO-3 gradient reduce-scatters)"):
-                self.engine.backward(total)
-                self.engine.step()
-        counts = torch.tensor([tokens, flops], dtype=torch.float64, device=self.engine.device)
-        reduced = torch.cat([torch.stack(list(sums.values())), counts])
+        divisors: dict[str, int] = {}
+        counts = dict.fromkeys((*(f"{name}_tokens" for name in signals), "flops"), 0.0)
+        for index, name in enumerate(micro_batches):
+            batch = next(iterators[name])
+            tokens, flops = self._work(name, batch)
+            counts[f"{name}_tokens"] += tokens
+            counts["flops"] += flops
+            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
+            with phase(f"{name} forward (ZeRO-3 parameter all-gathers, TP all-reduces)"):
+                loss, extra = self._forward(name, batch)
+            with phase(f"{name} backward (ZeRO-3 gradient reduce-scatters)"):
+                self.engine.backward(weights[name] * loss / accum[name], scale_wrt_gas=False)
+            for key, value in {f"loss/{name}": loss.detach(), **extra}.items():
+                sums[key] = sums.get(key, 0.0) + value.double()
+                divisors[key] = accum[name] * self.dp_size
+        with phase("optimizer step"):
+            self.engine.step()
+        totals = torch.tensor(list(counts.values()), dtype=torch.float64, device=self.engine.device)
+        reduced = torch.cat([torch.stack(list(sums.values())), totals])
         with phase("the all-reduce of the step's metrics over data-parallel ranks"):
             dist.all_reduce(reduced, group=ps.get_data_parallel_group())
-        *values, tokens, flops = reduced.tolist()
-        metrics = {key: value / (train.grad_accum * self.dp_size) for key, value in zip(sums, values)}
-        return StepResult(metrics, int(tokens), flops)
+        values = reduced.tolist()
+        metrics = {key: value / divisors[key] for key, value in zip(sums, values)}
+        return StepResult(metrics, dict(zip(counts, values[len(sums):])))
+
+    def _work(self, signal: str, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """Real tokens in a micro-batch (padding excluded) and the model FLOPs computed on them."""
+        if signal == LANGUAGE:
+            rows, seq = batch["tokens"].shape
+            return rows * seq, rows * seq * self.size.train_flops_per_token(seq)
+        lengths = batch["lengths"].tolist()
+        return sum(lengths), self.size.teacher_train_flops(lengths)
 
     def _forward(self, signal: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if signal == LANGUAGE:
@@ -248,8 +268,10 @@ class Trainer:
         metrics["train/skipped_steps"] = float(self.state.skipped_steps)
         if self.fp16:
             metrics["train/loss_scale"] = float(self.engine.optimizer.loss_scale)
-        metrics["throughput/tokens_per_s"] = result.tokens / elapsed
-        metrics["throughput/mfu_percent"] = 100 * result.flops / (elapsed * self.peak * dist.get_world_size())
+        for key, value in result.counts.items():
+            if key.endswith("_tokens"):
+                metrics[f"throughput/{key}_per_s"] = value / elapsed
+        metrics["throughput/mfu_percent"] = 100 * result.counts["flops"] / (elapsed * self.peak * dist.get_world_size())
         return metrics
 
     def _progress_line(self, metrics: dict[str, float]) -> str:
@@ -257,7 +279,9 @@ class Trainer:
         for key in ("loss/language", "loss/teacher", "teacher/accuracy", "train/lr", "train/grad_norm"):
             if key in metrics:
                 shown.append(f"{key.removeprefix('train/')} {metrics[key]:.4g}")
-        shown.append(f"{metrics['throughput/tokens_per_s']:,.0f} tok/s")
+        for name in (LANGUAGE, TEACHER):
+            if f"throughput/{name}_tokens_per_s" in metrics:
+                shown.append(f"{metrics[f'throughput/{name}_tokens_per_s']:,.0f} {name} tok/s")
         shown.append(f"MFU {metrics['throughput/mfu_percent']:.1f}%")
         if self.state.consecutive_skips:
             shown.append(f"SKIPPED (non-finite; {self.state.skipped_steps} so far)")
@@ -306,8 +330,9 @@ class Trainer:
             f"grid: world {dist.get_world_size()} = TP {cfg.parallel.tensor_parallel} x DP {self.dp_size}; "
             f"ZeRO stage {self.ds_config.get('zero_optimization', {}).get('stage', 0)}; precision {precision}",
             f"model: {size.total_params:,} params ({size.params_per_tp_rank:,} per TP rank), vocab {size.padded_vocab_size}",
-            f"kernels: attention {attention}; optimizer {self.optimizer_name}; LM loss megatron vocab-parallel "
-            f"cross-entropy; norms torch {'LayerNorm' if cfg.model.block == 'gpt2' else 'RMSNorm'}",
+            f"kernels: attention {attention}; optimizer {self.optimizer_name}; LM loss fused head + "
+            f"vocab-parallel cross-entropy, chunked; norms torch {'LayerNorm' if cfg.model.block == 'gpt2' else 'RMSNorm'}; "
+            f"blocks {'compiled (torch.compile per block)' if cfg.train.compile else 'eager'}",
             f"schedule: {self.schedule.mode} {cfg.train.language_steps}:{cfg.train.teacher_steps}, "
             f"{cfg.train.steps} steps; MFU against {self.peak / 1e12:.2f} TFLOP/s per device ({self.peak_source})",
         ]
