@@ -35,7 +35,7 @@ nvidia-smi | tee "$out/nvidia-smi.txt"
 "$PYTHON" -c "import torch, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)" \
   | tee "$out/versions.txt"
 status=0
-timeout 180 "$PYTHON" -m pytest tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/test_gpu.txt" || status=1
-timeout 300 "$PYTHON" benchmarks/train_throughput.py --gpu --steps 10 --json "$out/train_throughput.json" 2>&1 \
+timeout 200 "$PYTHON" -m pytest tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/test_gpu.txt" || status=1
+timeout 280 "$PYTHON" benchmarks/train_throughput.py --gpu --steps 8 --json "$out/train_throughput.json" 2>&1 \
   | tee "$out/train_throughput.txt" || status=1
 exit $status

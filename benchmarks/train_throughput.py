@@ -96,11 +96,13 @@ def utf8(path: Path) -> bool:
 
 
 def trainer_config(tmp: Path, name: str, recipe: str | None, overrides: dict) -> Config:
-    """A recipe (None: the defaults) pointed at the benchmark's data, checkpoints and logging off."""
+    """A recipe (None: the defaults) pointed at the benchmark's data; no periodic checkpoints or log lines
+    (metrics.jsonl is kept: the figures come from it)."""
     base = {
         "data.tokenizer": tmp / "tok", "data.corpora": f"[{tmp / 'corpus'}]",
         "data.teacher": tmp / "teacher" / "train", "data.num_workers": 0, "train.run_dir": tmp / name,
-        "train.warmup_steps": 2, "train.log_every": 10**6, "train.save_every": 10**6, "tracking.enabled": "false",
+        "train.warmup_steps": 2, "train.log_every": 10**6, "train.save_every": 10**6,
+        "tracking.system_metrics": "false",
     }
     pairs = {**base, **overrides}
     return load_config(REPO / "recipes" / f"{recipe}.yaml" if recipe else None, [f"{k}={v}" for k, v in pairs.items()])
@@ -276,7 +278,7 @@ def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str,
     device = torch.cuda.get_device_name() if cuda else "cpu (rehearsal)"
     print(f"\n{device}; MFU against {peak / 1e12:.2f} TFLOP/s ({source}); "
           f"{steps} steps per run, interactive 1:1, medians without the first {WARMUP} of each signal")
-    print(f"{'recipe':<6}{'grid':<17}{'signal':<10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'plan':>7}")
+    print(f"{'recipe':<8}{'grid':<17}{'signal':<10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'plan':>7}")
     results = []
     for recipe in recipes:
         for name, ds, compiled in runs:
@@ -293,7 +295,7 @@ def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str,
                 results.append({"recipe": recipe, "grid": name, "signal": signal, "tokens_per_s": rate,
                                 "tflops": mfu / 100 * peak / 1e12, "mfu_percent": mfu, "peak_gib": used,
                                 "plan_gib": planned / GIB})
-                print(f"{recipe:<6}{name:<17}{signal:<10}{rate:>11,.0f}{mfu / 100 * peak / 1e12:>9.2f}"
+                print(f"{recipe:<8}{name:<17}{signal:<10}{rate:>11,.0f}{mfu / 100 * peak / 1e12:>9.2f}"
                       f"{mfu:>6.1f}%{used:>10.1f}{planned / GIB:>7.1f}")
             gc.collect()
             if cuda:

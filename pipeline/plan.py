@@ -183,7 +183,8 @@ def device_memory(
     optimizer = 0 if offload_opt else 12 * (sharded if stage >= 1 else psi)
     # Working set of a forward/backward.
     fused = device == "gpu" or not cfg.model.dropout
-    shapes = ((LANGUAGE, train.micro_batch, cfg.data.seq_len), (TEACHER, train.teacher_micro_batch, cfg.data.teacher_seq_len))
+    shapes = ((LANGUAGE, train.micro_batch, cfg.data.seq_len),
+              (TEACHER, train.teacher_micro_batch, cfg.data.teacher_seq_len))
     with_ckpt = {s: activation_bytes(cfg, b, n, tp, elem, fused, True) for s, b, n in shapes}
     without = {s: activation_bytes(cfg, b, n, tp, elem, fused, False) for s, b, n in shapes}
     chosen = with_ckpt if train.activation_checkpointing else without

@@ -69,7 +69,12 @@ def test_hf_gpt2_tokenizer_gets_the_special_tokens(tmp_path):
     texts = ["the tyger [sep] it burns. [cls]", "", "Tyger Tyger, burning bright\nIn the forests of the night"]
     assert tok.encode_batch(texts) == [tok.tok.encode(t, add_special_tokens=False) for t in texts]
     tok.save(tmp_path / "imported")
-    assert load_tokenizer(tmp_path / "imported").encode("the tyger [cls]") == tok.encode("the tyger [cls]")
+    imported = load_tokenizer(tmp_path / "imported")  # through `tokenizers` alone
+    assert imported.tok is None and (imported.special, imported.vocab_size) == (tok.special, tok.vocab_size)
+    assert imported.encode_batch(texts) == tok.encode_batch(texts)
+    assert imported.decode(tok.encode(texts[2])) == tok.decode(tok.encode(texts[2])) == texts[2]
+    imported.save(tmp_path / "again")
+    assert load_tokenizer(tmp_path / "again").encode_batch(texts) == tok.encode_batch(texts)
 
     # A tokenizer whose pad is its eos (as many LLaMA ones): pad gets an id of its own, kept when reloaded.
     GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=eos, bos_token=eos, unk_token=eos,

@@ -1,8 +1,9 @@
 """What users run on a GPU, on one CUDA device, with DeepSpeed choosing its accelerator itself (no CPU
 accelerator forced): bf16 and fp16 ZeRO-3 training under the deepspeed launcher with the shipped
 ds_configs, the flash SDPA kernel seen in the profiler inside the model's own attention during bf16 training
-steps, `freelm eval` on CUDA, and `freelm export-hf` loaded by transformers onto CUDA with the pipeline's
-logits. Skipped where no CUDA device exists; on a GPU host: `scripts/test.sh tests/test_gpu.py`."""
+steps, the fused LM loss and compiled blocks on CUDA, `freelm eval` on CUDA, and `freelm export-hf` loaded by
+transformers onto CUDA with the pipeline's logits. Skipped where no CUDA device exists; on a GPU host:
+`scripts/test.sh tests/test_gpu.py`, or `benchmarks/gpu.sh` for these and the GPU benchmark."""
 
 from __future__ import annotations
 
@@ -76,6 +77,64 @@ def test_fp16_zero3_trains_with_dynamic_loss_scaling(data, tmp_path):
     # zero3_fp16.json: dynamic scaling from 2**16, halved on overflow, never below 1: a power of two in [1, 2**16]
     scales = [row["train/loss_scale"] for row in rows]
     assert all(1 <= scale <= 2**16 and math.log2(scale).is_integer() for scale in scales), scales
+
+
+def fused_loss_on_cuda(out: str) -> None:
+    """The fused, chunked LM loss against megatron-core's over whole-batch logits, bf16 on CUDA: losses,
+    gradients and the peak memory each needed."""
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from pipeline.model.lm_loss import linear_cross_entropy
+    from pipeline.parallel.distributed import destroy_parallel, init_parallel
+
+    init_parallel(1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(4096, 512, device="cuda", generator=g, dtype=torch.bfloat16)
+    weight = torch.randn(16384, 512, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05
+    targets = torch.randint(0, 16384, (4096,), device="cuda", generator=g)
+    weights = torch.full((4096,), 1 / 4096, device="cuda")  # a mean
+
+    def run(loss_fn) -> tuple:
+        hh, ww = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss, losses = loss_fn(hh, ww)
+        loss.backward()
+        torch.cuda.synchronize()
+        return losses.detach(), hh.grad, ww.grad, torch.cuda.max_memory_allocated() - base
+
+    def reference(hh: torch.Tensor, ww: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = vocab_parallel_cross_entropy(F.linear(hh, ww).float(), targets)
+        return losses.mean(), losses
+
+    ours = run(lambda hh, ww: linear_cross_entropy(hh, ww, targets, weights, chunk=1024))
+    theirs = run(reference)
+    diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(ours[:3], theirs[:3])]
+    Path(out).write_text(json.dumps({"diffs": diffs, "peak": [ours[3], theirs[3]],
+                                     "scale": [float(t.float().abs().max()) for t in theirs[:3]]}))
+    destroy_parallel()
+
+
+def test_fused_lm_loss_on_cuda_equals_megatrons_and_holds_a_chunk_of_logits(tmp_path):
+    run_ranks(fused_loss_on_cuda, 1, str(tmp_path / "out.json"))
+    found = json.loads((tmp_path / "out.json").read_text())
+    for diff, scale in zip(found["diffs"], found["scale"]):
+        assert diff <= 2e-2 * scale, found  # bf16 logits: rounding, not a different loss
+    ours, theirs = found["peak"]
+    # Whole-batch fp32 logits are 4096 x 16384 x 4 bytes = 256 MiB (and their gradient); a chunk is a quarter.
+    assert ours < theirs / 2, found
+
+
+def test_compiled_blocks_train_like_eager_in_bf16_on_the_gpu(data, tmp_path):
+    zero1 = REPO / "ds_configs" / "zero1_bf16.json"
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        freelm("train", *overrides(data, tmp_path / name, **{"train.steps": 6, "train.ds_config": zero1,
+                                                            "train.compile": compiled}))
+    eager, compiled = losses(metrics(tmp_path / "eager")), losses(metrics(tmp_path / "compiled"))
+    assert len(compiled) == 6
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-2, atol=2e-2)
 
 
 def profile_rank(args: list[str], out: str) -> None:

@@ -127,7 +127,7 @@ def score_batch(model: FreeLM, items: Sequence[Item], pad: int, device: torch.de
 def token_logprobs(model: FreeLM, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) for final-norm hidden states (positions, d_model): the tied LM head's fused, chunked,
     vocab-parallel cross-entropy, in fp32, as in training."""
-    return -model.lm_head(hidden, targets)
+    return -model.lm_head(hidden, targets).token_loss
 
 
 def proposition_items(tokenizer: Tokenizer, props: Sequence[Proposition], max_len: int) -> tuple[list[Item], list[str]]:

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.layers import Block, LearnedPositions, make_norm, normal_init
-from pipeline.model.lm_loss import linear_cross_entropy
+from pipeline.model.lm_loss import LMLoss, linear_cross_entropy
 
 Signal = Literal["language", "teacher"]
 
@@ -61,9 +61,9 @@ class TeacherHead(nn.Module):
 
 class TiedLMHead(nn.Module):
     """Vocab-parallel LM head whose weight is the input embedding's. The input is copied into the TP
-    region so its gradient is summed over the ranks' vocab shards. Given targets it returns -log p(target)
-    per position instead of logits, never holding a whole micro-batch's logits (`lm_loss`); the loss runs
-    inside this module's forward so that ZeRO-3 gathers the weight for it."""
+    region so its gradient is summed over the ranks' vocab shards. Given targets it returns the fused loss
+    (`lm_loss.LMLoss`) instead of logits, never holding a whole micro-batch's logits; the loss runs inside
+    this module's forward so that ZeRO-3 gathers the weight for it."""
 
     def __init__(self, embedding: VocabParallelEmbedding):
         super().__init__()
@@ -71,11 +71,13 @@ class TiedLMHead(nn.Module):
         self.tp_group = embedding.tp_group
         self.loss_chunk: int | None = None  # positions per loss chunk (None: lm_loss.chunk_positions)
 
-    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> torch.Tensor | LMLoss:
+        """Logits; or with `targets`, the per-position losses and (given `weights`) their weighted sum."""
         h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
         if targets is None:
             return F.linear(h, self.weight)
-        return linear_cross_entropy(h, self.weight, targets, self.tp_group, self.loss_chunk)
+        return linear_cross_entropy(h, self.weight, targets, weights, self.tp_group, self.loss_chunk)
 
 
 class FreeLM(nn.Module):
@@ -133,9 +135,8 @@ class FreeLM(nn.Module):
         if signal == "language":
             if targets is None:
                 return LanguageOutput(logits=self.lm_head(self.norm(h)))
-            token_loss = self.lm_head(self.norm(h), targets)
-            mask = torch.ones_like(token_loss) if loss_mask is None else loss_mask.to(token_loss.dtype)
-            loss = (token_loss * mask).sum() / mask.sum().clamp(min=1)
+            mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+            loss, token_loss = self.lm_head(self.norm(h), targets, mask / mask.sum().clamp(min=1))
             # The teacher head joins with weight 0 so every parameter gets a gradient at every step: ZeRO's
             # flat gradient buffers otherwise re-apply a parameter's last gradient when it gets none.
             loss = loss + 0.0 * self.teacher_head(h[:, -1]).sum()
