@@ -33,8 +33,6 @@ before any data file is opened; a bad row raises DataError starting with `<file>
 from __future__ import annotations
 
 import codecs
-import csv
-import json
 import math
 import os
 import random
@@ -45,8 +43,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-
 from pipeline.config import read_yaml_mapping
+from pipeline.data.task_rows import RowError, records
 from pipeline.errors import ConfigError, DataError
 
 FORMATS = ("tsv", "csv", "jsonl", "regex")
@@ -163,12 +161,12 @@ def iter_propositions(spec: TaskSpec, split: str, stats: SplitStats, *, seed: in
 
 def _propositions(spec: TaskSpec, path: Path, stats: SplitStats, seed: int, keep: int | None) -> Iterator[Proposition]:
     example_id = 0
-    for line, row in _records(spec, path):
+    for line, row in records(spec, path):
         try:
-            if isinstance(row, _RowError):
+            if isinstance(row, RowError):
                 raise row
             gold = _gold(spec, row)
-        except _RowError as err:
+        except RowError as err:
             if spec.on_error == "fail":
                 raise DataError(f"{path}:{line}: {err}") from None
             stats.skipped += 1
@@ -197,121 +195,20 @@ def _candidates(names: tuple[str, ...], gold: str, keep: int | None, rng_seed: s
 def _gold(spec: TaskSpec, row: dict[str, Any]) -> str:
     for name in spec.fields:
         if row.get(name) is None:
-            raise _RowError(f"missing field {name!r}")
+            raise RowError(f"missing field {name!r}")
     raw = row[spec.label]
     if spec.threshold is None:
         gold = spec.labels.get(str(raw).strip())
         if gold is None:
-            raise _RowError(f"unknown label {str(raw)!r}")
+            raise RowError(f"unknown label {str(raw)!r}")
         return gold
     try:
         score = float(raw)
     except (TypeError, ValueError):
         score = math.nan
     if not math.isfinite(score):
-        raise _RowError(f"label {raw!r} is not a finite number")
+        raise RowError(f"label {raw!r} is not a finite number")
     return spec.threshold.at_or_above if score >= spec.threshold.value else spec.threshold.below
-
-
-# Reading rows -------------------------------------------------------------------------------------------
-
-class _RowError(Exception):
-    """A row that does not fit its declaration; the message is the reason counted when skipping."""
-
-
-class _Lines:
-    """A file's physical lines, decoded one at a time so that an undecodable byte is pinned to its line."""
-
-    def __init__(self, path: Path, encoding: str):
-        self.path, self.encoding = path, encoding
-        self.number = 0
-        self.decode_error: tuple[int, _RowError] | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        with self.path.open("rb") as f:
-            for self.number, raw in enumerate(f, 1):
-                try:
-                    text = raw.decode(self.encoding)
-                except UnicodeDecodeError as err:
-                    reason = f"cannot decode byte {raw[err.start]:#04x} as {self.encoding}"
-                    self.decode_error = self.decode_error or (self.number, _RowError(reason))
-                    text = raw.decode(self.encoding, errors="replace")
-                yield text.removeprefix("\ufeff") if self.number == 1 else text
-
-    def take_decode_error(self) -> tuple[int, _RowError] | None:
-        error, self.decode_error = self.decode_error, None
-        return error
-
-
-_Record = tuple[int, dict[str, Any] | _RowError]  # (physical line where the row starts, row or problem)
-
-
-def _records(spec: TaskSpec, path: Path) -> Iterator[_Record]:
-    lines = _Lines(path, spec.encoding)
-    read = {"tsv": _table_rows, "csv": _table_rows, "jsonl": _jsonl_rows, "regex": _regex_rows}[spec.format]
-    for record in read(spec, lines):
-        yield lines.take_decode_error() or record
-
-
-def _table_rows(spec: TaskSpec, lines: _Lines) -> Iterator[_Record]:
-    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if spec.format == "tsv" else {}
-    reader = csv.reader(lines, **dialect)
-    columns = spec.columns
-    while True:
-        start = reader.line_num + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            yield start, _RowError(f"unreadable {spec.format} row: {err}")
-            continue
-        if not cells:
-            continue
-        if columns is None:
-            columns = tuple(cells)
-            _check_header(spec, lines, columns)
-        elif len(cells) != len(columns):
-            yield start, _RowError(f"expected {len(columns)} columns, got {len(cells)}")
-        else:
-            yield start, dict(zip(columns, cells))
-
-
-def _check_header(spec: TaskSpec, lines: _Lines, columns: tuple[str, ...]) -> None:
-    """A bad header spoils the whole file, so it always raises."""
-    error = lines.take_decode_error()
-    if error:
-        raise DataError(f"{lines.path}:{error[0]}: header: {error[1]}")
-    for name in spec.fields:
-        if name not in columns:
-            raise DataError(
-                f"{lines.path}:{lines.number}: header has no column {name!r} (columns: {', '.join(columns)})")
-
-
-def _jsonl_rows(spec: TaskSpec, lines: _Lines) -> Iterator[_Record]:
-    for text in lines:
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as err:
-            yield lines.number, _RowError(f"invalid JSON: {err.msg}")
-        else:
-            yield lines.number, _text_values(row) if isinstance(row, dict) else _RowError("expected a JSON object")
-
-
-def _text_values(row: dict[str, Any]) -> dict[str, str | None]:
-    """JSON values as text, like every other format's fields; null stays None (a missing field)."""
-    return {key: value if value is None or isinstance(value, str) else str(value) for key, value in row.items()}
-
-
-def _regex_rows(spec: TaskSpec, lines: _Lines) -> Iterator[_Record]:
-    for text in lines:
-        text = text.rstrip("\r\n")
-        if not text.strip():
-            continue
-        match = spec.pattern.fullmatch(text)
-        yield lines.number, match.groupdict() if match else _RowError("line does not match the task's pattern")
 
 
 # Parsing declarations -----------------------------------------------------------------------------------
