@@ -16,8 +16,8 @@ peak measured in the same run. The CPU time other processes took during the time
 taken while it is high are not comparable.
 
 GPU (`--gpu`, CUDA only, as benchmarks/gpu.sh runs it): the shipped 0.3b and 1.3b recipes on one GPU, bf16,
-ZeRO-1/2/3 eager and ZeRO-1 compiled, with a GPT-2-sized byte-level BPE: per signal, real tokens/s, TFLOP/s and
-MFU against the device's dense bf16 peak, and the peak memory allocated against `freelm plan`'s.
+ZeRO-1/2/3 eager and ZeRO-1 compiled, with a GPT-2-style byte-level BPE (46,692 ids): per signal, real tokens/s,
+TFLOP/s and MFU against the device's dense bf16 peak, and the peak memory allocated against `freelm plan`'s.
 
 `--rehearse` runs that section's code on CPU with the tiny recipe in fp32 (no memory figures).
 
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_throughput import train_gpt2_style, utf8  # this folder's: benchmarks run as scripts
 from pipeline.config import Config, load_config
 from pipeline.parallel.distributed import free_port
 from pipeline.train.optim import param_groups
@@ -65,34 +66,19 @@ def cpu_ticks() -> tuple[int, int, float]:
 
 
 def prepare_data(data: Path, tmp: Path, gpt2_vocab: bool = False) -> None:
-    """Tokenizer (sentencepiece, or with `gpt2_vocab` a byte-level BPE of GPT-2's size), language corpus and
-    CoLA teacher propositions."""
+    """Tokenizer (sentencepiece, or with `gpt2_vocab` data_throughput's GPT-2-style byte-level BPE), language
+    corpus and CoLA teacher propositions."""
     from pipeline.data.corpus import build_corpus
     from pipeline.data.propositions import build_propositions
     from pipeline.data.tokenizer import HFTokenizer, train_sentencepiece
 
     files = [f for f in sorted((data / "lm" / "gutenberg_nltk").glob("*.txt")) if utf8(f)]
     if gpt2_vocab:
-        from tokenizers import ByteLevelBPETokenizer
-        from transformers import GPT2TokenizerFast
-
-        bpe, eos = ByteLevelBPETokenizer(), "<|endoftext|>"
-        bpe.train([str(f) for f in files], vocab_size=50257, special_tokens=[eos], show_progress=False)
-        GPT2TokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos, unk_token=eos).save_pretrained(
-            str(tmp / "gpt2"))
-        HFTokenizer(tmp / "gpt2").save(tmp / "tok")
+        HFTokenizer(train_gpt2_style(files, tmp / "gpt2")).save(tmp / "tok")
     else:
         train_sentencepiece(files, tmp / "tok", VOCAB)
     build_corpus([str(f) for f in files], tmp / "tok", tmp / "corpus", workers=min(8, os.cpu_count() or 1))
     build_propositions(REPO / "recipes" / "tasks.yaml", "train", tmp / "tok", tmp / "teacher", only=["cola"])
-
-
-def utf8(path: Path) -> bool:
-    try:
-        path.read_text(encoding="utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def trainer_config(tmp: Path, name: str, recipe: str | None, overrides: dict) -> Config:

@@ -2,8 +2,8 @@
 
 Each optimizer step trains the signal(s) the schedule names, over `grad_accum` language or
 `teacher_grad_accum` teacher micro-batches per data-parallel rank. Rank 0 logs both loss streams, teacher
-accuracy, learning rate, grad norm, each signal's tokens/s and MFU. Checkpoints carry the step and both streams' positions; a run directory with a checkpoint
-resumes from it.
+accuracy, learning rate, grad norm, each signal's tokens/s and MFU. Checkpoints carry the step and both
+streams' positions; a run directory with a checkpoint resumes from it.
 """
 
 from __future__ import annotations
@@ -331,7 +331,8 @@ class Trainer:
             f"ZeRO stage {self.ds_config.get('zero_optimization', {}).get('stage', 0)}; precision {precision}",
             f"model: {size.total_params:,} params ({size.params_per_tp_rank:,} per TP rank), vocab {size.padded_vocab_size}",
             f"kernels: attention {attention}; optimizer {self.optimizer_name}; LM loss fused head + "
-            f"vocab-parallel cross-entropy, chunked; norms torch {'LayerNorm' if cfg.model.block == 'gpt2' else 'RMSNorm'}; "
+            f"vocab-parallel cross-entropy, chunked; norms torch "
+            f"{'LayerNorm' if cfg.model.block == 'gpt2' else 'RMSNorm'}; "
             f"blocks {'compiled (torch.compile per block)' if cfg.train.compile else 'eager'}",
             f"schedule: {self.schedule.mode} {cfg.train.language_steps}:{cfg.train.teacher_steps}, "
             f"{cfg.train.steps} steps; MFU against {self.peak / 1e12:.2f} TFLOP/s per device ({self.peak_source})",
