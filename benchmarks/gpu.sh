@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one run on one H100/H200 (about 8 minutes): tests/test_gpu.py, then the training
+# Every GPU check in one run on one H100/H200 (at most 9 minutes): tests/test_gpu.py, then the training
 # benchmark's GPU section (the 0.3b and 1.3b recipes, bf16, ZeRO-1/2/3 eager and ZeRO-1 compiled, language
 # and teacher steps: tokens/s, TFLOP/s, MFU against the dense bf16 peak, peak memory against the plan).
 # Everything printed is also written under RESULTS_DIR. Fails, never skips, without CUDA.
@@ -7,9 +7,10 @@
 #   bash benchmarks/gpu.sh RESULTS_DIR
 #
 # Python: .venv/bin/python when there is one, else python3 (PYTHON=... to choose). A machine whose python
-# has torch but not the project's other packages (deepspeed, megatron-core, mlflow, ...) installs them
-# offline from WHEELS=DIR: wheels (or sdists) of whatever that python lacks, fetched beforehand with
-# `pip download --no-deps` on a machine with the package index.
+# has torch but not the project's other packages (deepspeed, megatron-core, mlflow, ...) takes them offline
+# from WHEELS=DIR: wheels of whatever that python lacks (fetched beforehand with `pip download --no-deps`,
+# deepspeed built with `pip wheel --no-deps`), installed without their dependencies into a folder of their
+# own, put first on PYTHONPATH; the image's own packages stay as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu.sh RESULTS_DIR}
@@ -23,19 +24,25 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   echo "benchmarks/gpu.sh: no CUDA device ($PYTHON: torch.cuda.is_available() is False); this script runs on a GPU" >&2
   exit 2
 fi
-if ! "$PYTHON" -c "import deepspeed, megatron.core, mlflow, pipeline" 2>/dev/null; then
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+imports="import deepspeed, megatron.core, mlflow.tracking, pipeline.cli"
+if ! "$PYTHON" -c "$imports" 2>/dev/null; then
   if [ -z "${WHEELS:-}" ]; then
     echo "benchmarks/gpu.sh: $PYTHON lacks the project's packages; pass WHEELS=DIR (see the header)" >&2
     exit 2
   fi
-  "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" --no-build-isolation -e . 2>&1 | tee "$out/install.txt"
+  site=$(mktemp -d)
+  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --target "$site" "$WHEELS"/*.whl 2>&1 \
+    | tee "$out/install.txt"
+  export PYTHONPATH="$site:$PYTHONPATH"
+  "$PYTHON" -c "$imports" 2>&1 | tee -a "$out/install.txt"
 fi
 
 nvidia-smi | tee "$out/nvidia-smi.txt"
 "$PYTHON" -c "import torch, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'deepspeed', deepspeed.__version__)" \
   | tee "$out/versions.txt"
 status=0
-timeout 200 "$PYTHON" -m pytest tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/test_gpu.txt" || status=1
-timeout 280 "$PYTHON" benchmarks/train_throughput.py --gpu --steps 8 --json "$out/train_throughput.json" 2>&1 \
+timeout 240 "$PYTHON" -m pytest tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$out/test_gpu.txt" || status=1
+timeout 300 "$PYTHON" benchmarks/train_throughput.py --gpu --steps 8 --json "$out/train_throughput.json" 2>&1 \
   | tee "$out/train_throughput.txt" || status=1
 exit $status

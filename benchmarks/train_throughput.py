@@ -82,13 +82,13 @@ def prepare_data(data: Path, tmp: Path, gpt2_vocab: bool = False) -> None:
 
 
 def trainer_config(tmp: Path, name: str, recipe: str | None, overrides: dict) -> Config:
-    """A recipe (None: the defaults) pointed at the benchmark's data; no periodic checkpoints or log lines
-    (metrics.jsonl is kept: the figures come from it)."""
+    """A recipe (None: the defaults) pointed at the benchmark's data; no checkpoints or log lines, one MLflow
+    store for all runs (metrics.jsonl is kept: the figures come from it)."""
     base = {
         "data.tokenizer": tmp / "tok", "data.corpora": f"[{tmp / 'corpus'}]",
         "data.teacher": tmp / "teacher" / "train", "data.num_workers": 0, "train.run_dir": tmp / name,
-        "train.warmup_steps": 2, "train.log_every": 10**6, "train.save_every": 10**6,
-        "tracking.system_metrics": "false",
+        "train.warmup_steps": 2, "train.log_every": 10**6, "train.checkpoints": "false",
+        "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}", "tracking.system_metrics": "false",
     }
     pairs = {**base, **overrides}
     return load_config(REPO / "recipes" / f"{recipe}.yaml" if recipe else None, [f"{k}={v}" for k, v in pairs.items()])
@@ -255,8 +255,10 @@ def compare_cpu(tmp: Path, steps: int) -> dict:
             "teacher_props_per_s": {"ours_zero1": ours_teacher, "plain": plain_teacher}}
 
 
-def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str, str, bool]]) -> dict:
-    """The shipped recipes on this GPU (or, rehearsing, on CPU)."""
+def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str, str, bool]],
+                json_path: str | None) -> dict:
+    """The shipped recipes on this GPU (or, rehearsing, on CPU); the figures so far are written to `json_path`
+    after every run, so a run cut short keeps them."""
     from pipeline.plan import GIB, plan_run
 
     cuda = torch.cuda.is_available()
@@ -264,8 +266,9 @@ def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str,
     device = torch.cuda.get_device_name() if cuda else "cpu (rehearsal)"
     print(f"\n{device}; MFU against {peak / 1e12:.2f} TFLOP/s ({source}); "
           f"{steps} steps per run, interactive 1:1, medians without the first {WARMUP} of each signal")
-    print(f"{'recipe':<8}{'grid':<17}{'signal':<10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'plan':>7}")
-    results = []
+    print(f"{'recipe':<8}{'grid':<17}{'signal':<10}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'plan':>7}{'run s':>7}")
+    results: list[dict] = []
+    summary = {"device": device, "peak_flops": peak, "peak_source": source, "runs": results}
     for recipe in recipes:
         for name, ds, compiled in runs:
             cfg = trainer_config(tmp, f"{recipe}-{ds}-{compiled}", recipe, {
@@ -274,19 +277,32 @@ def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str,
             planned = plan_run(cfg, nodes=1, gpus_per_node=1, device="gpu" if cuda else "cpu", advise=False).memory.peak
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            found = run_ours(cfg)
+            start = time.perf_counter()
+            try:
+                found = run_ours(cfg)
+            except Exception as exc:  # one failed grid (out of memory, say) must not cost the others' figures
+                results.append({"recipe": recipe, "grid": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                print(f"{recipe:<8}{name:<17}FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+                found = {}
+            wall = time.perf_counter() - start  # start-up and compilation included
             used = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
             for signal, rows in found.items():
                 rate, mfu = median(rows, f"throughput/{signal}_tokens_per_s"), median(rows, "throughput/mfu_percent")
                 results.append({"recipe": recipe, "grid": name, "signal": signal, "tokens_per_s": rate,
                                 "tflops": mfu / 100 * peak / 1e12, "mfu_percent": mfu, "peak_gib": used,
-                                "plan_gib": planned / GIB})
+                                "plan_gib": planned / GIB, "run_s": wall})
                 print(f"{recipe:<8}{name:<17}{signal:<10}{rate:>11,.0f}{mfu / 100 * peak / 1e12:>9.2f}"
-                      f"{mfu:>6.1f}%{used:>10.1f}{planned / GIB:>7.1f}")
+                      f"{mfu:>6.1f}%{used:>10.1f}{planned / GIB:>7.1f}{wall:>7.0f}")
+            if json_path:
+                write_json(json_path, summary)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-    return {"device": device, "peak_flops": peak, "peak_source": source, "runs": results}
+    return summary
+
+
+def write_json(path: str, results: dict) -> None:
+    Path(path).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -309,13 +325,13 @@ def main() -> None:
         tmp = Path(tmp)
         prepare_data(Path(args.data), tmp, gpt2_vocab=args.gpu)
         if args.gpu:
-            results = gpu_recipes(tmp, args.steps, GPU_RECIPES, GPU_RUNS)
+            results = gpu_recipes(tmp, args.steps, GPU_RECIPES, GPU_RUNS, args.json)
         elif args.rehearse:
-            results = gpu_recipes(tmp, args.steps, ["tiny"], REHEARSAL_RUNS)
+            results = gpu_recipes(tmp, args.steps, ["tiny"], REHEARSAL_RUNS, args.json)
         else:
             results = compare_cpu(tmp, args.steps)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     save_every: int = 500
+    checkpoints: bool = True  # False: never write a checkpoint (benchmarks, throw-away runs)
     keep_checkpoints: int = 3  # the newest N complete checkpoints stay, older ones are deleted (0: keep all)
     keep_every: int = 0  # ... except every K-th step's, kept for the record (0: none)
     log_every: int = 1

@@ -192,11 +192,12 @@ class Trainer:
                     )
                 with phase(f"step {state.step}: the all-reduce that agrees on a stop request"):
                     stopping = self.stop_request.agreed()
-                if state.step % train.save_every == 0 or state.step == stop or stopping:
+                if train.checkpoints and (state.step % train.save_every == 0 or state.step == stop or stopping):
                     with phase(f"saving the checkpoint of step {state.step}", announce=state.step <= train.save_every):
                         self._save()
                 if stopping:
-                    log.info(f"stop requested by signal: checkpoint at step {state.step} saved, exiting")
+                    saved = f"checkpoint at step {state.step} saved" if train.checkpoints else "no checkpoints"
+                    log.info(f"stop requested by signal: {saved}, exiting")
                     status = "KILLED"
                     return state
             status = "FINISHED"
