@@ -27,13 +27,14 @@ Usage: python benchmarks/train_throughput.py [--steps N] [--data ../shared/data]
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,9 @@ from pipeline.train.optim import param_groups
 from pipeline.train.throughput import matmul_flops, peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed's ZeRO-3 calls collectives that torch deprecates, and torch warns on every step (here, at import,
+# so that the processes the GPU section starts per grid filter them too).
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 WARMUP = 3  # steps left out of every median
 SHAPE = {"model.block": "gpt2", "model.n_layers": 6, "model.d_model": 384, "model.n_heads": 6}
 SEQ, MICRO, VOCAB, TEACHER_MICRO = 256, 8, 8000, 64
@@ -106,6 +110,13 @@ def run_ours(cfg: Config) -> dict[str, list[dict]]:
         signal = "language" if "loss/language" in row else "teacher"
         by_signal[signal].append(row)
     return {signal: found[WARMUP:] for signal, found in by_signal.items()}
+
+
+def run_grid(cfg: Config) -> tuple[dict[str, list[dict]], float]:
+    """`run_ours` in a process of its own (the GPU section starts one per grid, so that no grid inherits
+    another's memory, allocator state or compiled graphs); also the peak GPU memory allocated, in GiB."""
+    found = run_ours(cfg)
+    return found, torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -275,17 +286,15 @@ def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str,
                 "train.steps": steps, "train.ds_config": REPO / "ds_configs" / ds,
                 "train.compile": str(compiled).lower(), "parallel.tensor_parallel": 1})
             planned = plan_run(cfg, nodes=1, gpus_per_node=1, device="gpu" if cuda else "cpu", advise=False).memory.peak
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             try:
-                found = run_ours(cfg)
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+                    found, used = fresh.submit(run_grid, cfg).result()
             except Exception as exc:  # one failed grid (out of memory, say) must not cost the others' figures
                 results.append({"recipe": recipe, "grid": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
                 print(f"{recipe:<8}{name:<17}FAILED: {type(exc).__name__}: {str(exc)[:300]}")
-                found = {}
-            wall = time.perf_counter() - start  # start-up and compilation included
-            used = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
+                found, used = {}, float("nan")
+            wall = time.perf_counter() - start  # process start, DeepSpeed set-up and compilation included
             for signal, rows in found.items():
                 rate, mfu = median(rows, f"throughput/{signal}_tokens_per_s"), median(rows, "throughput/mfu_percent")
                 results.append({"recipe": recipe, "grid": name, "signal": signal, "tokens_per_s": rate,
@@ -295,9 +304,6 @@ def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str,
                       f"{mfu:>6.1f}%{used:>10.1f}{planned / GIB:>7.1f}{wall:>7.0f}")
             if json_path:
                 write_json(json_path, summary)
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
     return summary
 
 
@@ -319,8 +325,6 @@ def main() -> None:
         parser.error("--gpu: no CUDA device (torch.cuda.is_available() is False)")
     if not args.gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before anything imports deepspeed
-    # DeepSpeed's ZeRO-3 calls collectives that torch deprecates, and torch warns on every step.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepare_data(Path(args.data), tmp, gpt2_vocab=args.gpu)

@@ -61,3 +61,22 @@ def test_lm_head_is_tied_and_init_is_gpt2_style(model):
     assert abs(proj.std().item() - 0.02 / 2) < 0.003  # scaled by 1/sqrt(2 * n_layers)
     if model.positions is not None:
         assert abs(model.positions.weight.std().item() - 0.02) < 0.002
+
+
+def test_the_reported_attention_kernel_is_the_one_that_runs(model):
+    """The start-up log's attention kernel (torch's dispatcher, asked with tensors of the model's shape) is the
+    SDPA op the profiler sees in the model's own forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.model.layers import attention_kernel
+
+    ops = {"flash": "flash_attention", "memory-efficient": "efficient_attention", "cuDNN": "cudnn_attention",
+           "math": "attention_math"}
+    cfg = model.cfg
+    reported = attention_kernel(cfg, cfg.n_heads, 16, torch.float32, torch.device("cpu"), dropout=0.0)
+    model.eval()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(torch.randint(0, 200, (2, 16)))
+    seen = {kernel for kernel, op in ops.items()
+            if any(f"_scaled_dot_product_{op}" in event.key for event in prof.key_averages())}
+    assert seen == {reported}

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from distributed import free_port
 from slurm_cluster import (CLIENT_ENV, REQUIRED, SEARCH_PATH, SlurmCluster, SlurmUnavailable, cancel_jobs,
                            daemon_logs, ensure_installed, munged_command, new_munge_key, poll, start_daemon,
                            stop_daemon, write_conf)

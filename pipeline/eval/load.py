@@ -21,8 +21,8 @@ from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.errors import ConfigError, DataError
 from pipeline.model.config import ModelConfig
 from pipeline.model.freelm import FreeLM
+from pipeline.parallel.ds_config import DTYPES
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HF_PRECISIONS = {"bfloat16": "bf16", "float16": "fp16"}  # config.json's dtype -> a training precision
 TASK_OPTION = "--task-id"
 
@@ -40,7 +40,7 @@ def checkpoint_kind(path: str | Path) -> Literal["run", "hf"]:
 
 def eval_dtype(precision: str, device: torch.device) -> torch.dtype:
     """fp32 on CPU (no fast bf16 / fp16 there); on GPU the precision the run trained in."""
-    return torch.float32 if device.type == "cpu" else PRECISIONS.get(precision, torch.float32)
+    return torch.float32 if device.type == "cpu" else DTYPES[precision]
 
 
 def load_trained(run_dir: str | Path, tp: int = 1, device: torch.device | str = "cpu") -> tuple[FreeLM, Tokenizer, Config]:

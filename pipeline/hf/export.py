@@ -23,12 +23,12 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.hf.convert import hf_config, to_hf
 from pipeline.hf.freelm_format import MTC_HEAD, TASKS_KEY, mtc_from_teacher
 from pipeline.model.config import ModelConfig
+from pipeline.parallel.ds_config import DTYPES
 from pipeline.progress import progress
 
 TEACHER_FILE = "teacher_head.safetensors"
 META_FILE = "freelm.json"
 TEACHER = "teacher_head.weight"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SHARD_BYTES = 50 * 10**9  # transformers' own default for save_pretrained
 LAYOUTS = ("hf", "freelm")  # stock transformers; the FreeLM authors' layout (also loadable by stock transformers)
 

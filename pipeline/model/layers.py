@@ -21,6 +21,19 @@ from torch.distributed import ProcessGroup
 from pipeline.model.config import ModelConfig
 
 
+# torch's SDPBackend values, named as the start-up log and the profiler's ops name them.
+SDPA_KERNELS = {0: "math", 1: "flash", 2: "memory-efficient", 3: "cuDNN"}
+
+
+def attention_kernel(cfg: ModelConfig, heads: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+                     dropout: float) -> str:
+    """The kernel `scaled_dot_product_attention` dispatches the model's attention to (`heads` per TP rank),
+    asked of torch's own dispatcher with tensors of that shape: it differs by device, dtype and version (on
+    Hopper, torch >= 2.5 prefers cuDNN's fused attention to flash)."""
+    q = torch.empty(1, heads, seq_len, cfg.head_dim, dtype=dtype, device=device)
+    return SDPA_KERNELS.get(int(torch._fused_sdp_choice(q, q, q, None, dropout, True)), "unknown")
+
+
 def normal_init(std: float):
     return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=std)
 

@@ -39,33 +39,43 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None) 
     return t
 
 
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, first: int, group: ProcessGroup | None,
+                grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """-log p(target) for one chunk of positions; with `grads` = (weights, grad_h rows, grad_w), also writes
+    this chunk's gradients of sum(weights x losses). Its own function so that the chunk's logits are freed on
+    return, before the next chunk's exist."""
+    shard = weight.shape[0]
+    logits = (h @ weight.t()).float()
+    top = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)
+    logits -= top[:, None]
+    local, owned = targets - first, (targets >= first) & (targets < first + shard)
+    picked = _all_reduce(logits.gather(1, local.clamp(0, shard - 1)[:, None]).squeeze(1) * owned,
+                         dist.ReduceOp.SUM, group)
+    exp = logits.exp_()  # in place: the logits are not needed again
+    total = _all_reduce(exp.sum(dim=-1), dist.ReduceOp.SUM, group)
+    if grads is not None:  # d(weights . losses)/d(logits) = weights x (softmax - one-hot of the target)
+        weights, grad_h, grad_w = grads
+        probs = exp.div_(total[:, None])
+        probs[owned.nonzero().squeeze(1), local[owned]] -= 1.0
+        probs.mul_(weights[:, None])
+        grad_h.copy_(probs.to(h.dtype) @ weight)
+        grad_w.addmm_(probs.t(), h.float())
+    return total.log() - picked
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
                 chunk: int, group: ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
-        shard = weight.shape[0]
-        first = shard * (dist.get_rank(group) if group is not None and dist.is_initialized() else 0)
+        first = weight.shape[0] * (dist.get_rank(group) if group is not None and dist.is_initialized() else 0)
         grads = weights is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if grads else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
-            logits = (h[rows] @ weight.t()).float()
-            top = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)
-            logits -= top[:, None]
-            local, owned = targets[rows] - first, (targets[rows] >= first) & (targets[rows] < first + shard)
-            picked = logits.gather(1, local.clamp(0, shard - 1)[:, None]).squeeze(1) * owned
-            picked = _all_reduce(picked, dist.ReduceOp.SUM, group)
-            exp = logits.exp_()  # in place: the logits are not needed again
-            total = _all_reduce(exp.sum(dim=-1), dist.ReduceOp.SUM, group)
-            losses[rows] = total.log() - picked
-            if grads:  # d(weights . losses)/d(logits) = weights x (softmax - one-hot of the target)
-                probs = exp.div_(total[:, None])
-                probs[owned.nonzero().squeeze(1), local[owned]] -= 1.0
-                probs.mul_(weights[rows, None])
-                grad_h[rows] = probs.to(h.dtype) @ weight
-                grad_w.addmm_(probs.t(), h[rows].float())
+            losses[rows] = _chunk_loss(h[rows], weight, targets[rows], first, group,
+                                       (weights[rows], grad_h[rows], grad_w) if grads else None)
         ctx.mark_non_differentiable(losses)
         if grads:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.errors import ConfigError
 
 RECIPE_KEYS = {
@@ -32,6 +34,9 @@ def deepspeed_config(path: str | Path, micro_batch: int, grad_accum: int, grad_c
         train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum, gradient_clipping=grad_clip
     )
     return ds_config
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # a precision's dtype
 
 
 def precision(ds_config: dict[str, Any]) -> str:

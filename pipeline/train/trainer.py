@@ -29,9 +29,10 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import ConfigError
 from pipeline.hf.load import check_compatible, load_hf_weights
 from pipeline.model.freelm import FreeLM
+from pipeline.model.layers import attention_kernel
 from pipeline.model.size import measure
 from pipeline.parallel.distributed import destroy_parallel, init_parallel
-from pipeline.parallel.ds_config import deepspeed_config, precision as ds_precision
+from pipeline.parallel.ds_config import DTYPES, deepspeed_config, precision as ds_precision
 from pipeline.parallel.engine import build_engine, build_model, compile_blocks
 from pipeline.plan import GIB, plan_run
 from pipeline.checkpoint import io as checkpoint
@@ -318,13 +319,10 @@ class Trainer:
             return
         cfg, size = self.cfg, self.size
         precision = ds_precision(self.ds_config)
-        attention = "SDPA, CPU math kernel"
-        if torch.cuda.is_available():
-            enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
-                                             ("memory-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()))
-                       if on]
-            usable = precision in ("bf16", "fp16")
-            attention = f"SDPA, {' / '.join(enabled) or 'math'} kernels" + ("" if usable else " (flash needs bf16/fp16)")
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        kernel = attention_kernel(cfg.model, cfg.model.n_heads // cfg.parallel.tensor_parallel, cfg.data.seq_len,
+                                  DTYPES[precision], device, cfg.model.dropout)
+        attention = f"SDPA ({kernel} kernel on {device.type})"
         lines = [
             f"run directory: {self.run_dir.resolve()} (resuming at step {self.state.step})" if self.state.step
             else f"run directory: {self.run_dir.resolve()}",
@@ -366,9 +364,13 @@ def train(cfg: Config) -> TrainState:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     if dist.get_rank() == 0:  # index building: what and how long
         logging.getLogger("megatron.core.datasets").setLevel(logging.INFO)
+    trainer = None
     try:
         if dist.get_rank() == 0:
             write_resolved_config(cfg)
-        return Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        return trainer.run()
     finally:
+        if trainer is not None:  # its hooks and DeepSpeed's global tables would keep the model alive
+            trainer.engine.destroy()
         destroy_parallel()
