@@ -105,7 +105,7 @@ def train(name: str, out: Path, data: Path, steps: int | None) -> dict:
         "params": int(re.search(r"model: ([\d,]+) params", log).group(1).replace(",", "")),
         "steps": len(rows), "language_steps": len(language), "teacher_steps": len(teacher),
         "language_sequences": len(language) * NPROCS * cfg["micro_batch"] * cfg["grad_accum"],
-        "teacher_propositions": len(teacher) * NPROCS * cfg["teacher_micro_batch"] * cfg["grad_accum"],
+        "teacher_propositions": len(teacher) * NPROCS * cfg["teacher_micro_batch"] * cfg["teacher_grad_accum"],
         "final_language_loss": mean(r["loss/language"] for r in language[-last:]),
         "final_teacher_loss": mean(r["loss/teacher"] for r in teacher[-last:]) if teacher else None,
         "curves": {"step": [r["step"] for r in rows], "language": [r.get("loss/language") for r in rows],
