@@ -34,11 +34,11 @@ def attention_kernel(cfg: ModelConfig, heads: int, seq_len: int, dtype: torch.dt
     return SDPA_KERNELS.get(int(torch._fused_sdp_choice(q, q, q, None, dropout, True)), "unknown")
 
 
-class ColumnLinear(ColumnParallelLinear):
-    """megatron-core's column-parallel linear (no gathered output). At TP=1, where it has nothing to
-    communicate, its forward is one `F.linear`: the bias fused into the matmul, and autograd's own weight
-    gradient (megatron's function adds the bias separately and reshapes for the weight gradient: 0.9x the
-    speed of `nn.Linear` on CPU)."""
+class _SingleRankLinear:
+    """At TP=1, where megatron-core's parallel linears have nothing to communicate, their forward is one
+    `F.linear`: the bias fused into the matmul, and autograd's own weight gradient (megatron's function adds
+    the bias separately and reshapes for the weight gradient: 0.9x the speed of `nn.Linear` on CPU). At TP>1,
+    megatron's forward; either way the output alone (no separate bias)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_group.size() == 1:
@@ -46,14 +46,13 @@ class ColumnLinear(ColumnParallelLinear):
         return super().forward(x)[0]
 
 
-class RowLinear(RowParallelLinear):
-    """megatron-core's row-parallel linear (input already split, bias added after the reduce); at TP=1 one
-    `F.linear`, as `ColumnLinear`."""
+class ColumnLinear(_SingleRankLinear, ColumnParallelLinear):
+    """megatron-core's column-parallel linear (no gathered output), `_SingleRankLinear` at TP=1."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_group.size() == 1:
-            return F.linear(x, self.weight, self.bias)
-        return super().forward(x)[0]
+
+class RowLinear(_SingleRankLinear, RowParallelLinear):
+    """megatron-core's row-parallel linear (input already split, bias added after the reduce),
+    `_SingleRankLinear` at TP=1."""
 
 
 def normal_init(std: float):
