@@ -17,6 +17,12 @@ from distributed import free_port
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (Path(__file__).resolve().parents[2] / "shared" / "data").resolve()
 BOOKS = SHARED_DATA / "lm" / "gutenberg_nltk"
+# The profiler's op per SDPA kernel, by the names `pipeline.model.layers.attention_kernel` reports (on CPU the
+# op's name carries a `_for_cpu` suffix: match by prefix).
+SDPA_OPS = {"flash": "aten::_scaled_dot_product_flash_attention",
+            "memory-efficient": "aten::_scaled_dot_product_efficient_attention",
+            "cuDNN": "aten::_scaled_dot_product_cudnn_attention",
+            "math": "aten::_scaled_dot_product_attention_math"}
 
 
 @pytest.fixture(scope="session")

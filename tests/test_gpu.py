@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SDPA_OPS
 from distributed import free_port, run_ranks
 from test_train import REPO, metrics, overrides
 
@@ -26,10 +27,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 BF16, FP16 = REPO / "ds_configs" / "zero3_bf16.json", REPO / "ds_configs" / "zero3_fp16.json"
-SDPA_OPS = {"flash": "aten::_scaled_dot_product_flash_attention",
-            "memory-efficient": "aten::_scaled_dot_product_efficient_attention",
-            "cuDNN": "aten::_scaled_dot_product_cudnn_attention",
-            "math": "aten::_scaled_dot_product_attention_math"}
 
 
 def gpu_env() -> dict[str, str]:
