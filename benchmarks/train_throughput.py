@@ -115,8 +115,10 @@ def run_ours(cfg: Config) -> dict[str, list[dict]]:
 def run_grid(cfg: Config) -> tuple[dict[str, list[dict]], float]:
     """`run_ours` in a process of its own (the GPU section starts one per grid, so that no grid inherits
     another's memory, allocator state or compiled graphs); also the peak GPU memory allocated, in GiB."""
+    from pipeline.plan import GIB
+
     found = run_ours(cfg)
-    return found, torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return found, torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else float("nan")
 
 
 def median(rows: list[dict], key: str) -> float:
