@@ -1,12 +1,14 @@
 """The FreeLM replication at CPU scale: does the teacher head learn real tasks, and what does it cost the LM?
 
-Three models from recipes/replication.yaml (a ~3.5M-parameter GPT-2 block; same data, seed, LR schedule and
+Three models from recipes/replication.yaml (a 5.3M-parameter GPT-2 block; same data, seed, LR schedule and
 number of optimizer steps):
   interactive    FreeLM, the paper's schedule: language and teacher steps alternate 1:1;
-  mixed          FreeLM, one backward per step of language + teacher loss (weights 1 and 1);
+  mixed          FreeLM, one backward per step of language + teacher loss (weights 1 and 1), on half-size
+                 micro-batches of each: the same sequences and propositions as the interactive model;
   language_only  the language signal alone (train.teacher_steps=0): every step a language step.
 Language signal: 13 Project Gutenberg books. Teacher signal: the GLUE train splits of SST-2, CoLA, MRPC, RTE,
-STS-B (binarised at 3.0) and TREC, as true/false propositions (recipes/tasks.yaml).
+STS-B (binarised at 3.0) and TREC, as true/false propositions (recipes/tasks.yaml), drawn in the recipe's
+per-task shares, whole examples at a time.
 
 Scored zero-shot by `freelm eval` on the GLUE dev sets (a seeded sample of 1,000 examples per task, the
 whole set where smaller) and on all 2,000 movie reviews of ../shared/data (never trained on; SST-2's
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.data.loaders import teacher_mix
 from pipeline.parallel.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +47,14 @@ BOOKS = REPO.parent / "shared" / "data" / "lm" / "gutenberg_nltk"
 HELDOUT = BOOKS / "austen-persuasion.txt"  # seen by neither the tokenizer nor any model
 GLUE = ("sst2", "cola", "mrpc", "rte", "stsb", "trec")
 TRANSFER = "movie_reviews"
-MODELS = {"interactive": [], "mixed": ["train.schedule=mixed"], "language_only": ["train.teacher_steps=0"]}
+RECIPE_CFG = yaml.safe_load(RECIPE.read_text())
+BATCHES = RECIPE_CFG["train"]
+# mixed: half-size micro-batches of both signals in every step, so that it takes the same optimizer steps,
+# sequences and propositions as the interactive model (which spends half its steps on each signal).
+MODELS = {"interactive": [],
+          "mixed": ["train.schedule=mixed", f"train.micro_batch={BATCHES['micro_batch'] // 2}",
+                    f"train.teacher_micro_batch={BATCHES['teacher_micro_batch'] // 2}"],
+          "language_only": ["train.teacher_steps=0"]}
 FREELM = ("interactive", "mixed")
 NPROCS = 2  # 2 processes x 1 thread (DP=2): faster here than 1 process x 2 threads
 SHOWN = re.compile(r"freelm\.train: (step \d+/|grid|model|schedule)|^(task|\w+ +\d+|perplexity|scoring:)|tokens in|tokenizer:")
@@ -69,7 +79,7 @@ def freelm(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *args]
 
 
-def prepare(data: Path, out: Path) -> dict:
+def prepare(data: Path, out: Path) -> None:
     """Tokenizer and corpus from the training books only; the tasks' train propositions. Reused when present."""
     books = sorted(str(p) for p in BOOKS.glob("*.txt") if p != HELDOUT)
     steps = [
@@ -85,14 +95,13 @@ def prepare(data: Path, out: Path) -> dict:
             print(f"    {output} present, reused")
         else:
             run(freelm(*args), out / f"prep_{args[0]}_{args[1]}.log")
-    return json.loads((data / "teacher" / "train.summary.json").read_text())["tasks"]
 
 
-def train(name: str, out: Path, data: Path, steps: int | None) -> dict:
+def train(name: str, out: Path, data: Path, extra: list[str]) -> dict:
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one
     overrides = [f"train.run_dir={run_dir}", f"data.tokenizer={data / 'tok'}", f"data.corpora=[{data / 'lm' / 'gutenberg'}]",
-                 f"data.teacher={data / 'teacher' / 'train'}", *([f"train.steps={steps}"] if steps else []), *MODELS[name]]
+                 f"data.teacher={data / 'teacher' / 'train'}", *extra]
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(NPROCS), "--master_port",
                 str(free_port()), "--module", "pipeline.cli", "train", "--config", str(RECIPE), *overrides]
     log = run(launcher, out / f"train_{name}.log", threads=1)
@@ -225,15 +234,15 @@ def main() -> None:
         print(f"   {name}: {phases[name]:.0f}s (1-minute load average {os.getloadavg()[0]:.2f})", flush=True)
         return value
 
-    summary = phase("prepare data", prepare, data, out)
-    results = {name: {"train": phase(f"train {name}", train, name, out, data, args.steps)} for name in MODELS}
+    phase("prepare data", prepare, data, out)
+    steps = [f"train.steps={args.steps}"] if args.steps else []
+    results = {name: {"train": phase(f"train {name}", train, name, out, data, [*steps, *MODELS[name]])}
+               for name in MODELS}
     for name in MODELS:
         results[name]["eval"] = phase(f"eval {name}", evaluate, name, out)
     total = time.perf_counter() - start
 
     a = results["interactive"]["train"]
-    props = sum(row["propositions"] for row in summary.values())
-    sst2 = summary["sst2"]["propositions"]
     budget = "\n".join(
         f"- {m}: {r['train']['steps']} steps = {r['train']['language_steps']} language "
         f"({r['train']['language_sequences']:,} sequences) + {r['train']['teacher_steps']} teacher "
@@ -246,7 +255,7 @@ def main() -> None:
         f"# FreeLM replication at CPU scale ({a['params']:,} parameters, {NPROCS} processes, ZeRO-1 fp32)",
         table(results),
         "Targets:\n" + "\n".join(f"- {text}" for _, text in outcomes),
-        f"Budget (same optimizer steps per model; teacher data: {props:,} propositions, SST-2 {sst2:,} of them):\n"
+        f"Budget (same optimizer steps per model; {teacher_mix(str(data / 'teacher' / 'train'), RECIPE_CFG['data'].get('teacher_task_weights'))}):\n"
         + budget,
         "Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in phases.items()) + f"; total {total:.0f}s.",
     ])

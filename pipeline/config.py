@@ -40,6 +40,12 @@ class DataConfig:
     # Teacher steps' propositions are drawn in windows of this many steps: each window is sorted by length and
     # cut into steps (and micro-batches) of similar length, little padded; the steps are shuffled (1: off).
     teacher_length_window: int = 64
+    # The share of teacher propositions drawn from each task, by name (e.g. {sst2: 4, cola: 1}; 0 leaves one
+    # out; every task of data.teacher named). None: as the data holds them.
+    teacher_task_weights: dict[str, float] | None = None
+    # True: a teacher step takes every candidate's proposition of each example it draws, side by side (the true
+    # one beside the false ones: the head is shown what tells them apart, not the input alone).
+    teacher_whole_examples: bool = False
 
 
 @dataclass
@@ -257,6 +263,11 @@ def check_type(name: str, value: Any, kind: Any) -> Any:
             return value
         container = origin or option
         if container in (list, dict) and isinstance(value, container):
+            args = typing.get_args(option)
+            if container is list and args:
+                return [check_type(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value)]
+            if container is dict and args:
+                return {key: check_type(f"{name}.{key}", item, args[1]) for key, item in value.items()}
             return value
     raise ConfigError(f"{name}: expected {describe(kind)}, got {value!r}")
 

@@ -40,6 +40,8 @@ def test_yaml_preset_and_overrides(tmp_path):
         (["model"], "not of the form key=value"),
         (["train.schedule=mixed", "train.teacher_steps=0"], r"train.teacher_steps must be >= 1 \(0 only with"),
         (["train.language_steps=0"], "train.language_steps must be >= 1"),
+        (["data.teacher_task_weights={sst2: 2, cola: many}"], "data.teacher_task_weights.cola: expected float, got 'many'"),
+        (["data.corpus_weights=[1, x]"], r"data.corpus_weights\[1\]: expected float, got 'x'"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

@@ -191,6 +191,71 @@ def test_teacher_loader_shards_and_resumes_mid_epoch(tok_dir, tmp_path, length_w
     assert (batch["tokens"][torch.arange(batch["tokens"].shape[1])[None] >= batch["lengths"][:, None]] == pad).all()
 
 
+def test_task_blend_draws_each_task_in_its_share_each_item_once_per_task_epoch():
+    from pipeline.data.loaders import TaskBlend
+
+    tasks = np.repeat([0, 1, 2], [50, 30, 20])  # items 0-49 task 0, 50-79 task 1, 80-99 task 2
+    blend = TaskBlend(np.arange(100), tasks, np.arange(100), {0: 1.0, 1: 3.0, 2: 0.0}, seed=5, chunk=40)
+    drawn = np.array([blend[i] for i in range(400)])
+    chunks = tasks[drawn].reshape(10, 40)
+    assert (chunks == 0).sum(axis=1).tolist() == [10] * 10 and (chunks == 1).sum(axis=1).tolist() == [30] * 10
+    first = drawn[tasks[drawn] == 1]
+    assert sorted(first[:30]) == list(range(50, 80)) and sorted(first[30:60]) == list(range(50, 80))
+    assert first[:30].tolist() != first[30:60].tolist()  # each task epoch reshuffled
+    again = TaskBlend(np.arange(100), tasks, np.arange(100), {0: 1.0, 1: 3.0}, seed=5, chunk=40)
+    assert [again[i] for i in (399, 7)] == [drawn[399], drawn[7]]
+
+
+def test_task_blend_of_whole_examples_keeps_each_examples_propositions_side_by_side():
+    from pipeline.data.loaders import TaskBlend
+
+    tasks = np.repeat([0, 1], [40, 60])  # task 0: 20 examples of 2 propositions; task 1: 10 of 6
+    starts = np.r_[np.arange(0, 40, 2), np.arange(40, 100, 6)]
+    blend = TaskBlend(np.arange(100), tasks, starts, {0: 1.0, 1: 1.0}, seed=2, chunk=24)
+    assert blend.length == 24  # 6 examples of task 0 and 2 of task 1: 12 propositions each
+    drawn = [blend[i] for i in range(240)]
+    runs, i = [], 0
+    while i < len(drawn):
+        size = 2 if drawn[i] < 40 else 6
+        assert drawn[i:i + size] == list(range(drawn[i], drawn[i] + size)), drawn[i:i + size]
+        runs.append(drawn[i])
+        i += size
+    six = [r for r in runs if r >= 40]  # 20 draws of task 1: two epochs of its 10 examples
+    assert sorted(six[:10]) == sorted(six[10:]) == list(range(40, 100, 6))
+    two = [r for r in runs if r < 40]  # 60 draws of task 0: three epochs of its 20 examples
+    assert all(sorted(two[k:k + 20]) == list(range(0, 40, 2)) for k in (0, 20, 40))
+
+
+def test_teacher_loader_with_task_weights_resumes_and_names_bad_weights(tok_dir, tmp_path):
+    from pipeline.data.loaders import teacher_loader, teacher_mix
+    from pipeline.data.propositions import build_propositions
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.errors import ConfigError
+
+    pad = load_tokenizer(tok_dir).special.pad
+    build_propositions(TASKS_YAML, "dev", tok_dir, tmp_path, only=["rte", "mrpc"])
+
+    def loader(weights, consumed=0):
+        return teacher_loader(str(tmp_path / "dev"), 64, pad, 8, 0, 2, seed=3, consumed_samples=consumed,
+                              length_window=4, task_weights=weights)
+
+    full = _take(loader({"rte": 1, "mrpc": 0}), 12)
+    resumed = _take(loader({"rte": 1, "mrpc": 0}, 7 * 16), 5)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(full[7:], resumed) for k in a)
+    assert teacher_mix(str(tmp_path / "dev"), {"rte": 1, "mrpc": 0}) == (
+        "teacher data: 1,370 propositions of 2 tasks; drawn rte 100.0%, mrpc 0.0% (data.teacher_task_weights)")
+    assert teacher_mix(str(tmp_path / "dev"), None).endswith("drawn rte 40.4%, mrpc 59.6% (as the data holds them)")
+    rte = json.loads((tmp_path / "dev.summary.json").read_text())["tasks"]["rte"]["id"]
+    assert {int(t) for batch in full for t in batch["tasks"]} == {rte}  # mrpc (weight 0) is never drawn
+    paired = _take(teacher_loader(str(tmp_path / "dev"), 64, pad, 8, 0, 1, seed=3, length_window=4, whole_examples=True), 6)
+    for batch in paired:  # an example's two propositions side by side: one true, one false, same input
+        assert batch["labels"].view(-1, 2).sum(dim=1).tolist() == [1] * 4
+    for weights, message in (({"rte": 1}, "no weight for mrpc"), ({"rte": 1, "mrpc": 1, "sst2": 1}, "no task sst2"),
+                             ({"rte": 0, "mrpc": 0}, "one of them > 0")):
+        with pytest.raises(ConfigError, match=f"data.teacher_task_weights \\(the tasks of .*dev: rte, mrpc\\): .*{message}"):
+            loader(weights)
+
+
 def test_length_grouping_reorders_within_windows_into_micro_batches_of_similar_length(tok_dir, tmp_path):
     from pipeline.data.loaders import teacher_loader
     from pipeline.data.propositions import build_propositions

@@ -9,10 +9,12 @@ checkpoints; a loader rebuilt from it yields exactly what an uninterrupted run w
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -21,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.propositions import PropositionDataset
+from pipeline.errors import ConfigError, DataError
 
 
 def init_worker(rank_pid: int, rank_started: float, worker_id: int) -> None:
@@ -49,10 +52,10 @@ def _exit_with_rank(rank_pid: int, rank_started: float) -> None:
 
 class EpochShuffled(Dataset):
     """An endless view of a dataset: sample i is item perm_e[i mod n] of epoch e = i // n, where perm_e is a
-    permutation seeded by (seed, e)."""
+    permutation seeded by (*seed, e)."""
 
-    def __init__(self, dataset: Any, seed: int):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: Any, seed: int | tuple[int, ...]):
+        self.dataset, self.seed = dataset, (seed,) if isinstance(seed, int) else tuple(seed)
         self._perms: dict[int, np.ndarray] = {}  # the last two epochs' (a batch may straddle them)
 
     def __getitem__(self, i: int) -> Any:
@@ -63,8 +66,53 @@ class EpochShuffled(Dataset):
         epoch, pos = divmod(i, len(self.dataset))
         if epoch not in self._perms:
             self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+            self._perms[epoch] = np.random.default_rng([*self.seed, epoch]).permutation(len(self.dataset))
         return int(self._perms[epoch][pos])
+
+
+class TaskBlend(Dataset):
+    """An endless stream over several tasks' units in fixed shares of items. A unit is a run of consecutive
+    items (`starts[u]` on; one proposition, or all candidates' propositions of one example), of one size per
+    task. Every chunk of the stream holds `counts[j]` units of task j (its share of `chunk` items, at least
+    one), in an order seeded by the chunk, each unit's items side by side; the k-th unit of task j is sample k
+    of that task's own epoch-shuffled stream of units. A fixed function of the position, like
+    `EpochShuffled`, so a resumed loader continues exactly."""
+
+    def __init__(self, dataset: Any, tasks: np.ndarray, starts: np.ndarray, weights: dict[int, float], seed: int,
+                 chunk: int = 4096):
+        self.dataset, self.seed = dataset, seed
+        sizes = np.diff(np.append(starts, len(tasks)))
+        chosen = sorted(task for task, weight in weights.items() if weight > 0)
+        total = sum(weights[task] for task in chosen)
+        self.streams, self.sizes, counts = [], [], []
+        for task in chosen:
+            units = np.flatnonzero(tasks[starts] == task)
+            size = int(sizes[units[0]])
+            if (sizes[units] != size).any():
+                raise DataError(f"{getattr(dataset, 'prefix', 'teacher data')}: task {task}'s examples have "
+                                f"different numbers of propositions: {sorted(set(sizes[units].tolist()))}")
+            self.streams.append(EpochShuffled(starts[units], (seed, task)))
+            self.sizes.append(size)
+            counts.append(max(1, round(chunk * weights[task] / total / size)))
+        self.counts, self.sizes = np.array(counts), np.array(self.sizes)
+        self.length = int((self.counts * self.sizes).sum())
+        self._chunk, self._items = -1, np.empty(0, dtype=np.int64)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.index(i)]
+
+    def index(self, i: int) -> int:
+        chunk, pos = divmod(i, self.length)
+        if chunk != self._chunk:
+            order = np.random.default_rng([self.seed, chunk]).permutation(np.repeat(np.arange(len(self.counts)), self.counts))
+            drawn = np.empty_like(order)
+            for j, count in enumerate(self.counts):
+                drawn[order == j] = chunk * count + np.arange(count)
+            first = np.array([self.streams[j][int(k)] for j, k in zip(order, drawn)], dtype=np.int64)
+            sizes = self.sizes[order]
+            within = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            self._chunk, self._items = chunk, np.repeat(first, sizes) + within
+        return int(self._items[pos])
 
 
 class LengthGrouped(Dataset):
@@ -74,7 +122,7 @@ class LengthGrouped(Dataset):
     and a step takes the same propositions however it is split into micro-batches. The reordering is a fixed
     function of the position, so a loader resumed at any micro-batch boundary continues exactly."""
 
-    def __init__(self, stream: EpochShuffled, lengths: np.ndarray, group: int, window: int, seed: int):
+    def __init__(self, stream: EpochShuffled | TaskBlend, lengths: np.ndarray, group: int, window: int, seed: int):
         self.stream, self.lengths, self.group, self.window, self.seed = stream, lengths, group, window, seed
         self._window, self._order = -1, np.empty(0, dtype=np.int64)
 
@@ -177,16 +225,53 @@ def collate_teacher(pad_id: int, samples: list[tuple[np.ndarray, int, int]]) -> 
 def teacher_loader(
     prefix: str, max_len: int, pad_id: int, micro_batch: int, dp_rank: int, dp_size: int, seed: int,
     consumed_samples: int = 0, num_workers: int = 0, length_window: int = 1, grad_accum: int = 1,
+    task_weights: dict[str, float] | None = None, whole_examples: bool = False,
 ) -> StreamLoader:
-    """Endless, reshuffled each epoch; grouped by length over windows of `length_window` steps of
-    `grad_accum` micro-batches."""
+    """Endless, reshuffled each epoch; drawn from the tasks in the shares of `task_weights` (task name ->
+    weight; None: as the data holds them), with all candidates of an example side by side if `whole_examples`;
+    grouped by length over windows of `length_window` steps of `grad_accum` micro-batches."""
     propositions = PropositionDataset(prefix, max_len)
-    dataset = EpochShuffled(propositions, seed)
+    tasks, lengths = propositions.meta["task"], propositions.lengths()
+    if task_weights is None and not whole_examples:
+        dataset = EpochShuffled(propositions, seed)
+    else:
+        if task_weights is None:
+            task_weights = {name: info["propositions"] for name, info in propositions.summary["tasks"].items()}
+        starts = np.arange(len(tasks))
+        if whole_examples:
+            example = propositions.meta["example"]
+            starts = np.flatnonzero(np.r_[True, (tasks[1:] != tasks[:-1]) | (example[1:] != example[:-1])])
+            # An example's propositions sort as one, by the longest, so length grouping keeps them together.
+            lengths = np.repeat(np.maximum.reduceat(lengths, starts), np.diff(np.append(starts, len(tasks))))
+        dataset = TaskBlend(propositions, tasks, starts, task_ids(propositions, task_weights), seed)
     if length_window > 1:
         group = micro_batch * grad_accum * dp_size
-        dataset = LengthGrouped(dataset, propositions.lengths(), group, length_window, seed)
+        dataset = LengthGrouped(dataset, lengths, group, length_window, seed)
     return StreamLoader(dataset, functools.partial(collate_teacher, pad_id), micro_batch, dp_rank, dp_size, consumed_samples,
                         num_workers=num_workers)
+
+
+def task_ids(propositions: PropositionDataset, weights: dict[str, float]) -> dict[int, float]:
+    """`data.teacher_task_weights` by task id; every task of the data must be named (0 leaves one out)."""
+    tasks = {name: info["id"] for name, info in propositions.summary["tasks"].items()}
+    where = f"data.teacher_task_weights (the tasks of {propositions.prefix}: {', '.join(tasks)})"
+    if unknown := sorted(set(weights) - set(tasks)):
+        raise ConfigError(f"{where}: no task {', '.join(unknown)} in the data")
+    if missing := [name for name in tasks if name not in weights]:
+        raise ConfigError(f"{where}: no weight for {', '.join(missing)} (0 leaves a task out)")
+    if any(weight < 0 for weight in weights.values()) or not any(weight > 0 for weight in weights.values()):
+        raise ConfigError(f"{where}: weights must be >= 0 and one of them > 0, got {weights}")
+    return {tasks[name]: float(weight) for name, weight in weights.items()}
+
+
+def teacher_mix(prefix: str, weights: dict[str, float] | None) -> str:
+    """The start-up log's line on the teacher data: its propositions and the share drawn from each task."""
+    tasks = json.loads(Path(f"{prefix}.summary.json").read_text())["tasks"]
+    shares = weights or {name: info["propositions"] for name, info in tasks.items()}
+    total = sum(shares.values())
+    drawn = ", ".join(f"{name} {shares[name] / total:.1%}" for name in tasks)
+    return (f"teacher data: {sum(info['propositions'] for info in tasks.values()):,} propositions of {len(tasks)} "
+            f"tasks; drawn {drawn} ({'data.teacher_task_weights' if weights else 'as the data holds them'})")
 
 
 def language_loader(

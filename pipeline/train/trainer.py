@@ -24,7 +24,7 @@ from megatron.core import parallel_state as ps
 
 from pipeline.config import Config, flatten, to_dict
 from pipeline.data.lm_dataset import language_dataset
-from pipeline.data.loaders import StreamLoader, language_loader, teacher_loader
+from pipeline.data.loaders import StreamLoader, language_loader, teacher_loader, teacher_mix
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import ConfigError
 from pipeline.hf.load import check_compatible, load_hf_weights
@@ -156,7 +156,9 @@ class Trainer:
                                               train.teacher_micro_batch, self.dp_rank, self.dp_size, train.seed,
                                               num_workers=cfg.data.num_workers,
                                               length_window=cfg.data.teacher_length_window,
-                                              grad_accum=train.teacher_grad_accum)
+                                              grad_accum=train.teacher_grad_accum,
+                                              task_weights=cfg.data.teacher_task_weights,
+                                              whole_examples=cfg.data.teacher_whole_examples)
         for name, stream in streams.items():
             if name in self.state.streams:
                 stream.load_state_dict(self.state.streams[name])
@@ -336,6 +338,8 @@ class Trainer:
             f"schedule: {self.schedule.mode} {cfg.train.language_steps}:{cfg.train.teacher_steps}, "
             f"{cfg.train.steps} steps; MFU against {self.peak / 1e12:.2f} TFLOP/s per device ({self.peak_source})",
         ]
+        if TEACHER in self.streams:
+            lines.append(teacher_mix(cfg.data.teacher, cfg.data.teacher_task_weights))
         world, gpu = dist.get_world_size(), torch.cuda.is_available()
         memory = plan_run(cfg, nodes=1, gpus_per_node=world, device="gpu" if gpu else "cpu", advise=False).memory
         lines.append(f"plan: {memory.peak / GIB:.2f} GiB per device at peak (params {memory.params / GIB:.2f}, grads "
