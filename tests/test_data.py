@@ -208,11 +208,12 @@ def test_task_blend_draws_each_task_in_its_share_each_item_once_per_task_epoch()
 
 def test_task_blend_of_whole_examples_keeps_each_examples_propositions_side_by_side():
     from pipeline.data.loaders import TaskBlend
+    from pipeline.errors import DataError
 
     tasks = np.repeat([0, 1], [40, 60])  # task 0: 20 examples of 2 propositions; task 1: 10 of 6
     starts = np.r_[np.arange(0, 40, 2), np.arange(40, 100, 6)]
     blend = TaskBlend(np.arange(100), tasks, starts, {0: 1.0, 1: 1.0}, seed=2, chunk=24)
-    assert blend.length == 24  # 6 examples of task 0 and 2 of task 1: 12 propositions each
+    assert blend.per_chunk == 24  # 6 examples of task 0 and 2 of task 1: 12 propositions each
     drawn = [blend[i] for i in range(240)]
     runs, i = [], 0
     while i < len(drawn):
@@ -224,6 +225,8 @@ def test_task_blend_of_whole_examples_keeps_each_examples_propositions_side_by_s
     assert sorted(six[:10]) == sorted(six[10:]) == list(range(40, 100, 6))
     two = [r for r in runs if r < 40]  # 60 draws of task 0: three epochs of its 20 examples
     assert all(sorted(two[k:k + 20]) == list(range(0, 40, 2)) for k in (0, 20, 40))
+    with pytest.raises(DataError, match="task 0's examples have different numbers of propositions: \\[2, 3\\]"):
+        TaskBlend(np.arange(5), np.zeros(5), np.array([0, 2]), {0: 1.0}, seed=0)
 
 
 def test_teacher_loader_with_task_weights_resumes_and_names_bad_weights(tok_dir, tmp_path):

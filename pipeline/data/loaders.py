@@ -95,14 +95,14 @@ class TaskBlend(Dataset):
             self.sizes.append(size)
             counts.append(max(1, round(chunk * weights[task] / total / size)))
         self.counts, self.sizes = np.array(counts), np.array(self.sizes)
-        self.length = int((self.counts * self.sizes).sum())
+        self.per_chunk = int((self.counts * self.sizes).sum())  # items
         self._chunk, self._items = -1, np.empty(0, dtype=np.int64)
 
     def __getitem__(self, i: int) -> Any:
         return self.dataset[self.index(i)]
 
     def index(self, i: int) -> int:
-        chunk, pos = divmod(i, self.length)
+        chunk, pos = divmod(i, self.per_chunk)
         if chunk != self._chunk:
             order = np.random.default_rng([self.seed, chunk]).permutation(np.repeat(np.arange(len(self.counts)), self.counts))
             drawn = np.empty_like(order)
