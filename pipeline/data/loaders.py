@@ -81,20 +81,19 @@ class TaskBlend(Dataset):
     def __init__(self, dataset: Any, tasks: np.ndarray, starts: np.ndarray, weights: dict[int, float], seed: int,
                  chunk: int = 4096):
         self.dataset, self.seed = dataset, seed
-        sizes = np.diff(np.append(starts, len(tasks)))
+        unit_sizes = np.diff(starts, append=len(tasks))
         chosen = sorted(task for task, weight in weights.items() if weight > 0)
         total = sum(weights[task] for task in chosen)
-        self.streams, self.sizes, counts = [], [], []
+        self.streams, sizes = [], []
         for task in chosen:
             units = np.flatnonzero(tasks[starts] == task)
-            size = int(sizes[units[0]])
-            if (sizes[units] != size).any():
+            if len(set(unit_sizes[units].tolist())) > 1:
                 raise DataError(f"{getattr(dataset, 'prefix', 'teacher data')}: task {task}'s examples have "
-                                f"different numbers of propositions: {sorted(set(sizes[units].tolist()))}")
+                                f"different numbers of propositions: {sorted(set(unit_sizes[units].tolist()))}")
             self.streams.append(EpochShuffled(starts[units], (seed, task)))
-            self.sizes.append(size)
-            counts.append(max(1, round(chunk * weights[task] / total / size)))
-        self.counts, self.sizes = np.array(counts), np.array(self.sizes)
+            sizes.append(int(unit_sizes[units[0]]))
+        self.sizes = np.array(sizes)
+        self.counts = np.array([max(1, round(chunk * weights[task] / total / size)) for task, size in zip(chosen, sizes)])
         self.per_chunk = int((self.counts * self.sizes).sum())  # items
         self._chunk, self._items = -1, np.empty(0, dtype=np.int64)
 
@@ -236,13 +235,13 @@ def teacher_loader(
         dataset = EpochShuffled(propositions, seed)
     else:
         if task_weights is None:
-            task_weights = {name: info["propositions"] for name, info in propositions.summary["tasks"].items()}
+            task_weights = task_propositions(propositions.summary)
         starts = np.arange(len(tasks))
         if whole_examples:
             example = propositions.meta["example"]
             starts = np.flatnonzero(np.r_[True, (tasks[1:] != tasks[:-1]) | (example[1:] != example[:-1])])
             # An example's propositions sort as one, by the longest, so length grouping keeps them together.
-            lengths = np.repeat(np.maximum.reduceat(lengths, starts), np.diff(np.append(starts, len(tasks))))
+            lengths = np.repeat(np.maximum.reduceat(lengths, starts), np.diff(starts, append=len(tasks)))
         dataset = TaskBlend(propositions, tasks, starts, task_ids(propositions, task_weights), seed)
     if length_window > 1:
         group = micro_batch * grad_accum * dp_size
@@ -264,14 +263,19 @@ def task_ids(propositions: PropositionDataset, weights: dict[str, float]) -> dic
     return {tasks[name]: float(weight) for name, weight in weights.items()}
 
 
+def task_propositions(summary: dict[str, Any]) -> dict[str, int]:
+    """Propositions per task, by name, from a propositions summary (`<prefix>.summary.json`)."""
+    return {name: info["propositions"] for name, info in summary["tasks"].items()}
+
+
 def teacher_mix(prefix: str, weights: dict[str, float] | None) -> str:
     """The start-up log's line on the teacher data: its propositions and the share drawn from each task."""
-    tasks = json.loads(Path(f"{prefix}.summary.json").read_text())["tasks"]
-    shares = weights or {name: info["propositions"] for name, info in tasks.items()}
+    tasks = task_propositions(json.loads(Path(f"{prefix}.summary.json").read_text()))
+    shares = weights or tasks
     total = sum(shares.values())
     drawn = ", ".join(f"{name} {shares[name] / total:.1%}" for name in tasks)
-    return (f"teacher data: {sum(info['propositions'] for info in tasks.values()):,} propositions of {len(tasks)} "
-            f"tasks; drawn {drawn} ({'data.teacher_task_weights' if weights else 'as the data holds them'})")
+    return (f"teacher data: {sum(tasks.values()):,} propositions of {len(tasks)} tasks; drawn {drawn} "
+            f"({'data.teacher_task_weights' if weights else 'as the data holds them'})")
 
 
 def language_loader(
