@@ -59,6 +59,7 @@ MODELS = {"interactive": [],
                     f"train.teacher_micro_batch={BATCHES['teacher_micro_batch'] // 2}"],
           "language_only": ["train.teacher_steps=0"]}
 FREELM = ("interactive", "mixed")
+TARGETS = (("sst2", 0.20), (TRANSFER, 0.05))  # (task, margin of the teacher head over the best baseline)
 NPROCS = 2  # 2 processes x 1 thread (DP=2): faster here than 1 process x 2 threads
 SHOWN = re.compile(r"freelm\.train: (step \d+/|grid|model|schedule)|^(task|\w+ +\d+|perplexity|scoring:)|tokens in|tokenizer:")
 
@@ -254,9 +255,8 @@ def main() -> None:
         f"{r['train']['final_language_loss']:.3f}"
         + ("" if r["train"]["final_teacher_loss"] is None else f", teacher {r['train']['final_teacher_loss']:.3f}")
         for m, r in results.items())
-    outcomes = [target(results, "sst2", 0.20), target(results, TRANSFER, 0.05)]
-    without_teacher = [target(results, "sst2", 0.20, ("language_only",)),
-                       target(results, TRANSFER, 0.05, ("language_only",))]
+    outcomes = [target(results, task, margin) for task, margin in TARGETS]
+    without_teacher = [target(results, task, margin, ("language_only",)) for task, margin in TARGETS]
     report = "\n\n".join([
         f"# FreeLM replication at CPU scale ({a['params']:,} parameters, {NPROCS} processes, ZeRO-1 fp32)",
         table(results),
