@@ -258,7 +258,8 @@ def main() -> None:
     outcomes = [target(results, task, margin) for task, margin in TARGETS]
     without_teacher = [target(results, task, margin, ("language_only",)) for task, margin in TARGETS]
     report = "\n\n".join([
-        f"# FreeLM replication at CPU scale ({a['params']:,} parameters, {NPROCS} processes, ZeRO-1 fp32)",
+        f"# FreeLM replication at CPU scale ({a['params']:,} parameters, {NPROCS} processes, fp32, "
+        f"{Path(BATCHES['ds_config']).name})",
         table(results),
         "Targets (the issue's: against the majority class and every model's LM likelihood, the FreeLM models' "
         "own included):\n" + "\n".join(f"- {text}" for _, text in outcomes),

@@ -174,13 +174,15 @@ def device_memory(
     train, tp = cfg.train, cfg.parallel.tensor_parallel
     elem = 4 if precision == "fp32" else 2
     sharded = psi / dp
-    # Model states (DeepSpeed keeps an fp32 master copy and two fp32 Adam moments per partition).
+    # Model states (DeepSpeed keeps an fp32 master copy and two fp32 Adam moments per partition; at stage 0 in
+    # fp32 the optimizer steps the weights themselves).
+    master = 0 if stage == 0 and precision == "fp32" else 4
     if stage == 3:
         params = 0 if offload_param else elem * (sharded + size.vector_params_per_tp_rank * (1 - 1 / dp))
     else:
         params = elem * psi
     grads = elem * (psi if stage < 2 else sharded)
-    optimizer = 0 if offload_opt else 12 * (sharded if stage >= 1 else psi)
+    optimizer = 0 if offload_opt else (master + 8) * (sharded if stage >= 1 else psi)
     # Working set of a forward/backward.
     fused = device == "gpu" or not cfg.model.dropout
     shapes = ((LANGUAGE, train.micro_batch, cfg.data.seq_len),
@@ -198,7 +200,10 @@ def device_memory(
     ahead = min(zero["stage3_prefetch_bucket_size"] + zero["stage3_max_reuse_distance"], zero["stage3_max_live_parameters"])
     gathered = min(size.block_params_per_tp_rank + ahead, psi)
     live = elem * gathered if stage == 3 else 0
-    buckets = elem * zero["reduce_bucket_size"] * (2 if zero.get("overlap_comm") else 1) if stage >= 1 else 0
+    if stage >= 1:
+        buckets = elem * zero["reduce_bucket_size"] * (2 if zero.get("overlap_comm") else 1)
+    else:  # stage 0 all-reduces the gradients flattened, in buckets of DeepSpeed's allreduce_bucket_size (5e8)
+        buckets = elem * min(5e8, psi) if dp > 1 else 0
     buckets = min(buckets, 2 * elem * psi)
     working = max(chosen[LANGUAGE] + logits, chosen[TEACHER]) + live + buckets
     if offload_opt:
@@ -206,7 +211,7 @@ def device_memory(
     elif stage == 3:
         step = 4 * min(zero["sub_group_size"], sharded)
     else:
-        step = 4 * sharded
+        step = 4 * sharded if master else 0
     runtime = GPU_RUNTIME_BYTES if device == "gpu" else 0
     transients = {"the fused LM loss's logits chunk": logits, "ZeRO-3 gathered parameters": live,
                   "gradient reduce buckets": buckets, "optimizer step's fp32 gradient copy": step}

@@ -221,6 +221,32 @@ def test_zero_stages_and_activation_checkpointing_give_the_same_losses(data, tmp
         torch.testing.assert_close(torch.tensor(losses(tmp_path / name)), reference, rtol=1e-5, atol=1e-6)
 
 
+def test_zero0_over_tp2_x_dp2_trains_resumes_and_consolidates_as_zero3(data, tmp_path):
+    """ZeRO stage 0 (plain data parallelism, `ds_configs/zero0.json`) on TP=2 x DP=2, stopped after 2 steps and
+    resumed: the losses and gradient norms (computed by the trainer: DeepSpeed's stage 0 drops its norm) of
+    ZeRO-3 on the same grid, and its checkpoint (the module's weights, no partitions) consolidates to the
+    same weights."""
+    from pipeline.checkpoint.consolidate import consolidate
+    from pipeline.config import load_config
+
+    grid = {"train.steps": 4, "parallel.tensor_parallel": 2, "train.micro_batch": 4, "train.teacher_micro_batch": 8}
+    zero0 = {**grid, "train.ds_config": REPO / "ds_configs" / "zero0.json"}
+    run_ranks(train_rank, 4, overrides(data, tmp_path / "zero3", **grid))
+    run_ranks(train_rank, 4, overrides(data, tmp_path / "zero0", **zero0, **{"train.exit_after": 2}))
+    run_ranks(train_rank, 4, overrides(data, tmp_path / "zero0", **zero0))
+    reference, rows = metrics(tmp_path / "zero3"), metrics(tmp_path / "zero0")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss/language", "loss/teacher", "train/grad_norm"):
+        assert len(series(rows, key)) == len(series(reference, key)) > 0, key
+        torch.testing.assert_close(torch.tensor(series(rows, key)), torch.tensor(series(reference, key)),
+                                   rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    model = load_config(None, overrides(data, tmp_path)).model
+    weights, expected = (consolidate(tmp_path / name / "checkpoints", model) for name in ("zero0", "zero3"))
+    assert weights.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(weights[key], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
 def train_twice_rank(runs: list[list[str]], out: str) -> None:
     """Train each run in this process, as a benchmark or a notebook does; after each, count the models still
     alive."""

@@ -7,7 +7,9 @@ parameters are copied out, so reading costs the output tensors, not the files. D
   - ZeRO-3: rank r's flat groups, taken end to end, hold the r-th chunk of every parameter (chunks of
     ceil(numel / dp) elements, the last one zero-padded), in `param_shapes` order;
   - ZeRO-1/2: each parameter group's flat vector (its parameters in `param_shapes` order, each followed by
-    its alignment padding) is cut into dp consecutive partitions, rank r holding the r-th.
+    its alignment padding) is cut into dp consecutive partitions, rank r holding the r-th;
+  - stage 0 (plain data parallelism): no partitions; every rank's module holds the whole weights, saved
+    once per TP rank in `mp_rank_XX_model_states.pt`.
 The tensor-parallel shards are then joined along the dimension megatron-core split them on.
 """
 
@@ -195,16 +197,58 @@ class ZeroShard:
         return out
 
 
+class ModuleShard:
+    """One tensor-parallel rank's weights from a ZeRO stage-0 checkpoint: its module's state dict (fp32 runs:
+    the weights the optimizer steps; 16-bit runs: the module's 16-bit weights, as fp32). The same interface
+    as `ZeroShard`; a tied weight is listed once, its alias in `shared`."""
+
+    def __init__(self, model_file: Path, states: dict[str, Any]):
+        self.file = model_file
+        self.ds_config: dict[str, Any] = states.get("ds_config", {})
+        buffers = set(states.get("buffer_names") or ())
+        self.shapes: dict[str, torch.Size] = {}
+        self.shared: dict[str, str] = {}
+        first: dict[tuple, str] = {}
+        for name, tensor in states["module"].items():
+            if not isinstance(tensor, torch.Tensor) or name in buffers:
+                continue  # megatron-core's `_extra_state` entries, buffers
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if where in first:
+                self.shared[name] = first[where]
+            else:
+                first[where] = name
+                self.shapes[name] = tensor.shape
+
+    @torch.no_grad()
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        unknown = [name for name in names if name not in self.shapes]
+        if unknown:
+            raise DataError(f"{self.file}: no parameters {unknown[:3]} in the checkpoint")
+        module = load_checkpoint_file(self.file)["module"]
+        return {name: module[name].to(torch.float32, copy=True) for name in names}
+
+
+def open_shard(ckpt_dir: str | Path, tp_rank: int, tag: str | None = None) -> ZeroShard | ModuleShard:
+    """TP rank `tp_rank`'s weights: a `ModuleShard` when the run used ZeRO stage 0, else a `ZeroShard`."""
+    ckpt_dir, tag = resolve_tag(ckpt_dir, tag)
+    model_file = ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt"  # ZeRO-3 names its files otherwise
+    if model_file.exists():
+        states = load_checkpoint_file(model_file)
+        if int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)) == 0:
+            return ModuleShard(model_file, states)
+    return ZeroShard(ckpt_dir, tp_rank, tag)
+
+
 def training_precision(ckpt_dir: str | Path, tag: str | None = None) -> str:
     """'bf16', 'fp16' or 'fp32': what the run trained in, from the DeepSpeed config saved with the checkpoint."""
-    return precision(ZeroShard(ckpt_dir, 0, tag).ds_config)
+    return precision(open_shard(ckpt_dir, 0, tag).ds_config)
 
 
 def tp_shard_state(ckpt_dir: str | Path, tp_rank: int, tag: str | None = None) -> dict[str, torch.Tensor]:
     """TP rank `tp_rank`'s fp32 weights with the ZeRO partitions of every data-parallel rank merged: the
     tensors a model built at the checkpoint's TP degree holds on that rank, by `named_parameters()` name, and
     the tied LM head under its own name too (the same tensor as the embedding)."""
-    shard = ZeroShard(ckpt_dir, tp_rank, tag)
+    shard = open_shard(ckpt_dir, tp_rank, tag)
     state = shard.read(list(shard.shapes))
     return state | {alias: state[name] for alias, name in shard.shared.items() if name in state}
 
@@ -227,7 +271,7 @@ class ShardedCheckpoint:
     def __init__(self, ckpt_dir: str | Path, model: ModelConfig, tag: str | None = None):
         ckpt_dir, tag = resolve_tag(ckpt_dir, tag)
         self.path = ckpt_dir / tag
-        self.shards = [ZeroShard(ckpt_dir, rank, tag) for rank in range(tensor_parallel_degree(ckpt_dir, tag))]
+        self.shards = [open_shard(ckpt_dir, rank, tag) for rank in range(tensor_parallel_degree(ckpt_dir, tag))]
         self.ds_config = self.shards[0].ds_config
         self.precision = precision(self.ds_config)
         dims = partition_dims(model)

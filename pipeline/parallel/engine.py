@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
@@ -45,6 +46,20 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
         model=model, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), lr_scheduler=lr_scheduler
     )
     return engine
+
+
+@torch.no_grad()
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    """The L2 norm of the whole model's gradients, from each TP rank's shards: TP-sharded parameters count on every
+    TP rank, replicated ones on TP rank 0 only. What DeepSpeed's ZeRO optimizers report; at stage 0 its
+    engine clips with the norm and drops it."""
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    squares = [p.grad.float().square().sum() for p in module.parameters()
+               if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
+    return total.sqrt()
 
 
 def compile_blocks(blocks: nn.ModuleList) -> None:

@@ -33,7 +33,7 @@ from pipeline.model.layers import attention_kernel
 from pipeline.model.size import measure
 from pipeline.parallel.distributed import destroy_parallel, init_parallel
 from pipeline.parallel.ds_config import DTYPES, deepspeed_config, precision as ds_precision
-from pipeline.parallel.engine import build_engine, build_model, compile_blocks
+from pipeline.parallel.engine import build_engine, build_model, compile_blocks, grad_norm
 from pipeline.plan import GIB, plan_run
 from pipeline.checkpoint import io as checkpoint
 from pipeline.train.host_memory import release_large_frees
@@ -89,6 +89,7 @@ class StepResult:
     # Over all data-parallel ranks: "<signal>_tokens" (real tokens, no padding) per signal trained, and
     # "flops" (the model FLOPs computed on them, forward + backward).
     counts: dict[str, float]
+    grad_norm: torch.Tensor | None = None  # where the engine does not report it (ZeRO stage 0 in fp32)
 
 
 class Trainer:
@@ -238,6 +239,7 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value.double()
                 divisors[key] = accum[name] * self.dp_size
         with phase("optimizer step"):
+            norm = None if hasattr(self.engine.optimizer, "_global_grad_norm") else grad_norm(self.engine.module)
             self.engine.step()
         totals = torch.tensor(list(counts.values()), dtype=torch.float64, device=self.engine.device)
         reduced = torch.cat([torch.stack(list(sums.values())), totals])
@@ -245,7 +247,7 @@ class Trainer:
             dist.all_reduce(reduced, group=ps.get_data_parallel_group())
         values = reduced.tolist()
         metrics = {key: value / divisors[key] for key, value in zip(sums, values)}
-        return StepResult(metrics, dict(zip(counts, values[len(sums):])))
+        return StepResult(metrics, dict(zip(counts, values[len(sums):])), norm)
 
     def _work(self, signal: str, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         """Real tokens in a micro-batch (padding excluded) and the model FLOPs computed on them."""
@@ -266,7 +268,7 @@ class Trainer:
     def _metrics(self, result: StepResult, elapsed: float, applied: bool, lr: float) -> dict[str, float]:
         metrics = dict(result.metrics)
         metrics["train/lr"] = lr
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if result.grad_norm is None else float(result.grad_norm)
         if applied and grad_norm is not None and math.isfinite(grad_norm):
             metrics["train/grad_norm"] = float(grad_norm)
         metrics["train/skipped_steps"] = float(self.state.skipped_steps)
