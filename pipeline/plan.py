@@ -15,7 +15,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.model.lm_loss import chunk_positions
 from pipeline.model.size import ModelSize, measure
-from pipeline.parallel.ds_config import deepspeed_config, precision as ds_precision
+from pipeline.parallel.ds_config import deepspeed_config, precision as ds_precision, zero_stage
 from pipeline.train.schedule import LANGUAGE, TEACHER, Schedule
 
 GIB = 1024**3
@@ -134,7 +134,7 @@ def plan_run(
     dp = world // tp
     ds = deepspeed_config(train.ds_config, train.micro_batch, train.grad_accum, train.grad_clip)
     zero = {**DS_DEFAULTS, **ds.get("zero_optimization", {})}
-    stage, precision = int(zero.get("stage", 0)), ds_precision(ds)
+    stage, precision = zero_stage(ds), ds_precision(ds)
     offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     offload_param = stage == 3 and zero.get("offload_param", {}).get("device", "none") not in ("none", None)
     size = measure(cfg.model, tp, cfg.data.seq_len)

@@ -68,8 +68,14 @@ class SlurmCluster:
         return self.wait_state(job_id, ENDED_STATES, timeout=timeout)
 
     def job_field(self, job_id: int, name: str) -> str:
-        """One field of `scontrol show job`, e.g. JobState, Restarts, ExitCode."""
-        out = self.run("scontrol", "--oneliner", "show", "job", str(job_id)).stdout
+        """One field of `scontrol show job`, e.g. JobState, Restarts, ExitCode. A query the controller drops
+        (on 2 loaded cores scontrol has died of SIGPIPE mid-request) is asked again, up to 5 times."""
+        for attempt in range(5):
+            result = self.run("scontrol", "--oneliner", "show", "job", str(job_id), check=attempt == 4)
+            if result.returncode == 0:
+                break
+            time.sleep(1)
+        out = result.stdout
         match = re.search(rf"(?:^|\s){re.escape(name)}=(\S*)", out)
         if match is None:
             raise KeyError(f"no {name}= in `scontrol show job {job_id}`: {out}")

@@ -30,7 +30,7 @@ import torch
 from pipeline.checkpoint.io import MANIFEST, damage, latest_tag
 from pipeline.errors import DataError
 from pipeline.model.config import ModelConfig
-from pipeline.parallel.ds_config import precision
+from pipeline.parallel.ds_config import precision, zero_stage
 
 MP_RANK = re.compile(r"mp_rank_(\d+)")
 PARTITION_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -104,9 +104,11 @@ def split_range(bounds: list[int], start: int, numel: int) -> Iterator[tuple[int
 
 class ZeroShard:
     """One tensor-parallel rank's fp32 master weights, spread over its data-parallel ranks' ZeRO partition
-    files. `shapes` lists the parameters (`named_parameters()` names) in checkpoint order."""
+    files. `shapes` lists the parameters (`named_parameters()` names) in checkpoint order. `states`: the
+    rank's model-states file, when the caller has already loaded it."""
 
-    def __init__(self, ckpt_dir: str | Path, tp_rank: int, tag: str | None = None):
+    def __init__(self, ckpt_dir: str | Path, tp_rank: int, tag: str | None = None,
+                 states: dict[str, Any] | None = None):
         ckpt_dir, tag = resolve_tag(ckpt_dir, tag)
         folder = ckpt_dir / tag
         found = {}
@@ -133,7 +135,8 @@ class ZeroShard:
 
         model_file = folder / (f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt" if self.stage == 3
                                else f"mp_rank_{tp_rank:02d}_model_states.pt")
-        states = load_checkpoint_file(model_file)
+        if states is None:
+            states = load_checkpoint_file(model_file)
         if states.get("frozen_param_shapes"):
             raise DataError(f"{model_file}: frozen parameters are not supported")
         self.ds_config: dict[str, Any] = states.get("ds_config", {})
@@ -232,11 +235,12 @@ def open_shard(ckpt_dir: str | Path, tp_rank: int, tag: str | None = None) -> Ze
     """TP rank `tp_rank`'s weights: a `ModuleShard` when the run used ZeRO stage 0, else a `ZeroShard`."""
     ckpt_dir, tag = resolve_tag(ckpt_dir, tag)
     model_file = ckpt_dir / tag / f"mp_rank_{tp_rank:02d}_model_states.pt"  # ZeRO-3 names its files otherwise
-    if model_file.exists():
-        states = load_checkpoint_file(model_file)
-        if int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)) == 0:
-            return ModuleShard(model_file, states)
-    return ZeroShard(ckpt_dir, tp_rank, tag)
+    if not model_file.exists():
+        return ZeroShard(ckpt_dir, tp_rank, tag)
+    states = load_checkpoint_file(model_file)
+    if zero_stage(states.get("ds_config", {})) == 0:
+        return ModuleShard(model_file, states)
+    return ZeroShard(ckpt_dir, tp_rank, tag, states)
 
 
 def training_precision(ckpt_dir: str | Path, tag: str | None = None) -> str:

@@ -45,3 +45,8 @@ def precision(ds_config: dict[str, Any]) -> str:
         if ds_config.get(name, {}).get("enabled"):
             return name
     return "fp32"
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed config trains with (0 when it has no `zero_optimization` section)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

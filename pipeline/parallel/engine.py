@@ -18,6 +18,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
+from pipeline.parallel.ds_config import zero_stage
+
 
 class MegatronMPU:
     """The model-parallel-unit interface DeepSpeed calls, backed by megatron-core's parallel_state."""
@@ -35,7 +37,7 @@ class MegatronMPU:
 
 def build_model(make: Callable[[], nn.Module], ds_config: dict[str, Any]) -> nn.Module:
     """Construct the model; under ZeRO-3 inside `zero.Init`, so no rank ever holds the whole of it."""
-    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+    if zero_stage(ds_config) != 3:
         return make()
     with deepspeed.zero.Init(data_parallel_group=ps.get_data_parallel_group(), config_dict_or_path=ds_config):
         return make()
@@ -54,9 +56,9 @@ def grad_norm(module: nn.Module) -> torch.Tensor:
     TP rank, replicated ones on TP rank 0 only. What DeepSpeed's ZeRO optimizers report; at stage 0 its
     engine clips with the norm and drops it."""
     tp_rank = ps.get_tensor_model_parallel_rank()
-    squares = [p.grad.float().square().sum() for p in module.parameters()
-               if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
-    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    grads = [p.grad for p in module.parameters()
+             if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+    total = torch.nn.utils.get_total_norm(grads).float().square() if grads else torch.zeros(())
     if ps.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
     return total.sqrt()

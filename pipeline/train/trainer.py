@@ -32,7 +32,7 @@ from pipeline.model.freelm import FreeLM
 from pipeline.model.layers import attention_kernel
 from pipeline.model.size import measure
 from pipeline.parallel.distributed import destroy_parallel, init_parallel
-from pipeline.parallel.ds_config import DTYPES, deepspeed_config, precision as ds_precision
+from pipeline.parallel.ds_config import DTYPES, deepspeed_config, precision as ds_precision, zero_stage
 from pipeline.parallel.engine import build_engine, build_model, compile_blocks, grad_norm
 from pipeline.plan import GIB, plan_run
 from pipeline.checkpoint import io as checkpoint
@@ -308,7 +308,7 @@ class Trainer:
 
         tracking, parallel = self.cfg.tracking, self.cfg.parallel
         grid = {"world_size": dist.get_world_size(), "tensor_parallel": parallel.tensor_parallel,
-                "data_parallel": self.dp_size, "zero_stage": self.ds_config.get("zero_optimization", {}).get("stage", 0),
+                "data_parallel": self.dp_size, "zero_stage": zero_stage(self.ds_config),
                 "precision": ds_precision(self.ds_config)}
         ds_json = self.run_dir / "ds_config.json"
         ds_json.write_text(json.dumps(self.ds_config, indent=2) + "\n")
