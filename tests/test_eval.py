@@ -142,31 +142,83 @@ def test_batches_follow_the_token_budget_and_the_grid_follows_the_checkpoint():
     assert grid_tp(4, 1) == 1
 
 
+def test_a_packed_group_reads_each_item_where_it_would_alone():
+    from pipeline.eval.scoring import Group, Item, attention_inputs, pack
+
+    teacher, lm = Item(np.array([7, 8, 3, 4])), Item(np.array([7, 8, 5]), start=1, targets=np.array([5, 6]))
+    row = pack(Group((teacher, lm), shared=2))
+    assert row.tokens.tolist() == [7, 8, 3, 4, 5] and row.positions.tolist() == [0, 1, 2, 3, 2]
+    assert row.segments.tolist() == [0, 0, 1, 1, 2] and [r.tolist() for r in row.reads] == [[3], [1, 4]]
+    positions, mask = attention_inputs([row, pack(Group.alone(Item(np.array([9, 9]))))], 5)
+    assert positions.tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 0, 0]]
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
+                                         [1, 1, 0, 0, 1]]
+    assert torch.equal(mask[1, 0], torch.ones(5, 5, dtype=torch.bool).tril())  # a lone item: causal, pads too
+    with pytest.raises(ValueError, match="item 1 of a group does not start with the group's 2 shared tokens"):
+        pack(Group((teacher, Item(np.array([7, 9, 1]))), shared=2))
+
+
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
+def test_packed_rows_score_as_their_items_alone(parallel_1, block):
+    """Groups of teacher and LM items after shared prefixes, batched with lone items under one budget, give
+    the values each item gets in a batch of its own."""
+    from pipeline.eval.scoring import Batching, Group, Item, Placement, score_items
+    from pipeline.model.config import ModelConfig
+    from pipeline.model.freelm import FreeLM
+
+    torch.manual_seed(0)
+    model = FreeLM(ModelConfig(block=block, n_layers=2, d_model=32, n_heads=4, vocab_size=100, max_seq_len=32)).eval()
+    rng = np.random.default_rng(0)
+    groups = []
+    for shared in (9, 3, 1, 12):
+        prefix = rng.integers(1, 100, shared)
+        items = []
+        for own in rng.integers(1, 7, 4):
+            ids = np.concatenate([prefix, rng.integers(1, 100, own)])
+            items.append(Item(ids) if own % 2 else Item(ids[:-1], start=shared - 1, targets=ids[shared:]))
+        groups.append(Group(tuple(items), shared))
+    groups.append(Group.alone(Item(rng.integers(1, 100, 20), start=4, targets=rng.integers(1, 100, 15))))
+    placement = Placement(torch.device("cpu"), progress=False)
+    packed = score_items(model, groups, 0, placement, Batching(tokens=10_000))
+    alone = score_items(model, [Group.alone(item) for g in groups for item in g.items], 0, placement,
+                        Batching(tokens=1))
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-6)
+
+
 def reference_scores(model, tokenizer, props, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """The definitions on full logits, one proposition at a time: the teacher's P(true) on
-    "<input> [sep] <proposition> [cls]"; mean log-prob of " <proposition>" after the input (cut to
-    max_len + 1) minus the same after a bare eos, from the full model's per-position losses."""
-    from pipeline.data.propositions import encode_with_tail, proposition_tail
+    "<input> [sep] <proposition> [cls]"; mean log-prob of " <proposition>" after the input minus the same after
+    a bare eos, from the full model's per-position losses. An input is cut from its end so that the longest of
+    its candidates fits (a teacher item in max_len tokens, an LM item in max_len + 1)."""
+    from pipeline.data.propositions import proposition_tail
 
-    def tail_mean(ids: np.ndarray, tail: int) -> float:
+    def tail_mean(ids: list[int], tail: int) -> float:
         tokens = torch.as_tensor(ids)[None]
         loss = model(tokens[:, :-1], signal="language", targets=tokens[:, 1:]).token_loss[0]
         return -loss[len(ids) - tail - 1:].mean().item()
 
-    p_true, lm = [], []
+    def tails(p) -> tuple[list[int], list[int]]:
+        return tokenizer.encode(proposition_tail(p.proposition_text)), tokenizer.encode(" " + p.proposition_text)
+
+    room = {}
+    for p in props:
+        teacher, lm = tails(p)
+        room[p.input_text] = min(room.get(p.input_text, max_len), max_len - len(teacher), max_len + 1 - len(lm))
+    p_true, lm_scores = [], []
     with torch.no_grad():
         for p in props:
-            [(ids, _, _)] = encode_with_tail(tokenizer, [p.input_text], [proposition_tail(p.proposition_text)], max_len)
-            p_true.append(model(torch.as_tensor(ids)[None], signal="teacher", lengths=torch.tensor([len(ids)])).p_true.item())
-            [(ids, tail, _)] = encode_with_tail(tokenizer, [p.input_text], [" " + p.proposition_text], max_len + 1)
-            alone = tokenizer.encode(" " + p.proposition_text)
-            lm.append(tail_mean(ids, tail) - tail_mean(np.asarray([tokenizer.special.eos, *alone]), len(alone)))
-    return np.array(p_true), np.array(lm)
+            head, (teacher, lm) = tokenizer.encode(p.input_text)[: room[p.input_text]], tails(p)
+            ids = torch.as_tensor(head + teacher)[None]
+            p_true.append(model(ids, signal="teacher", lengths=torch.tensor([ids.shape[1]])).p_true.item())
+            lm_scores.append(tail_mean(head + lm, len(lm)) - tail_mean([tokenizer.special.eos, *lm], len(lm)))
+    return np.array(p_true), np.array(lm_scores)
 
 
-def test_tail_only_scoring_equals_the_full_logits_definition(data, parallel_1):
-    """A small random-weights model (vocab 1000, padded to 1024) on CPU: batched tail-only scores equal the
-    one-at-a-time full-logits definitions, and so does the perplexity of held-out windows."""
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
+def test_tail_only_scoring_equals_the_full_logits_definition(data, parallel_1, block):
+    """A small random-weights model (vocab 1000, padded to 1024) on CPU, learned positions and RoPE: packed,
+    batched tail-only scores (an example's candidates in one row after their input) equal the one-at-a-time
+    full-logits definitions, and so does the perplexity of held-out windows."""
     from pipeline.data.tasks import SplitStats, iter_propositions, load_tasks
     from pipeline.data.tokenizer import load_tokenizer
     from pipeline.eval.run import examples
@@ -175,7 +227,7 @@ def test_tail_only_scoring_equals_the_full_logits_definition(data, parallel_1):
     from pipeline.model.freelm import FreeLM
 
     torch.manual_seed(0)
-    model = FreeLM(ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=1000, max_seq_len=64)).eval()
+    model = FreeLM(ModelConfig(block=block, n_layers=2, d_model=64, n_heads=4, vocab_size=1000, max_seq_len=64)).eval()
     tokenizer = load_tokenizer(data / "tok")
     specs = load_tasks(REPO / "recipes" / "tasks.yaml", ["rte", "mnli"])
     props = [p for spec in specs.values()

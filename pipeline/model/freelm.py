@@ -106,17 +106,20 @@ class FreeLM(nn.Module):
         self.teacher_head = TeacherHead(cfg.d_model, cfg.init_std)
         self.activation_checkpointing = False  # recompute each block's activations in backward
 
-    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Hidden states (batch, seq, d_model) after the last block, before the final norm."""
+    def trunk(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (batch, seq, d_model) after the last block, before the final norm. By default causal,
+        token i at position i; packed rows (several sequences sharing a prefix, in eval) give the (batch, seq)
+        `positions` and a boolean (batch, 1, seq, seq) attention `mask` instead."""
         x = self.embed(tokens)
         if self.positions is not None:
-            x = x + self.positions(tokens.shape[1])
+            x = x + self.positions(tokens.shape[1], positions)
         x = self.dropout(x)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, positions, mask, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, positions, mask)
         return x
 
     def forward(

@@ -73,17 +73,20 @@ class LearnedPositions(nn.Module):
         self.weight = nn.Parameter(torch.empty(max_seq_len, d_model))
         nn.init.normal_(self.weight, std=std)
 
-    def forward(self, seq_len: int) -> torch.Tensor:
-        return self.weight[:seq_len]
+    def forward(self, seq_len: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(seq_len, d_model) for positions 0..seq_len-1, or (batch, seq, d_model) for explicit `positions`."""
+        return self.weight[:seq_len] if positions is None else self.weight[positions]
 
 
-def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding on (batch, seq, heads, head_dim), rotate-half layout (as HF LLaMA).
-    Angles are computed in fp32 on every call, so bf16 casts of the model never touch them."""
+def rotary(x: torch.Tensor, theta: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary position embedding on (batch, seq, heads, head_dim), rotate-half layout (as HF LLaMA), at
+    positions 0..seq-1 or the explicit (batch, seq) `positions`. Angles are computed in fp32 on every call, so
+    bf16 casts of the model never touch them."""
     seq, half = x.shape[1], x.shape[-1] // 2
     inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
-    angles = torch.outer(torch.arange(seq, device=x.device, dtype=torch.float32), inv_freq)
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    at = torch.arange(seq, device=x.device)[None] if positions is None else positions
+    angles = at.float()[..., None] * inv_freq  # (batch or 1, seq, half)
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
@@ -109,15 +112,18 @@ class Attention(nn.Module):
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` None: causal attention. Otherwise a boolean (batch, 1, seq, seq) mask (True: may attend),
+        with the (batch, seq) `positions` the tokens stand at (packed rows; see `FreeLM.trunk`)."""
         batch, seq, _ = x.shape
         qkv = self.qkv(x)
         q, k, v = qkv.view(batch, seq, self.local_heads, 3, self.cfg.head_dim).unbind(dim=3)
         if self.cfg.block == "modern":
-            q, k = rotary(q, self.cfg.rope_theta), rotary(k, self.cfg.rope_theta)
+            q, k = rotary(q, self.cfg.rope_theta, positions), rotary(k, self.cfg.rope_theta, positions)
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, dropout_p=self.cfg.dropout if self.training else 0.0,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None, dropout_p=self.cfg.dropout if self.training else 0.0,
         )
         out = self.proj(y.transpose(1, 2).reshape(batch, seq, -1))
         return out
@@ -175,6 +181,7 @@ class Block(nn.Module):
         self.mlp = (GeluMLP if cfg.block == "gpt2" else SwiGLU)(cfg, mp, tp_group)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x)))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), positions, mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
