@@ -3,7 +3,8 @@
 CPU (fp32, one process, a 6-layer d384 GPT-2-block model, seq 256, micro-batch 8):
   ours         pipeline.train.trainer.train(): DeepSpeed ZeRO-3 (ds_configs/zero3.json) and ZeRO-1
                (ds_configs/zero1.json) over megatron-core layers, eager and with `train.compile` (each block
-               compiled by inductor); language steps; tokens/s from run_dir/metrics.jsonl
+               compiled by inductor), and DeepSpeed without ZeRO (stage 0, ds_configs/zero0.json: the engine's
+               own cost, no partitioned optimizer); language steps; tokens/s from run_dir/metrics.jsonl
   baseline     transformers GPT2LMHeadModel of the same shape (SDPA, fused tanh-GELU, no dropout), torch AdamW
                (foreach) with our optimizer settings, gradient clipping 1.0, a bare loop over random
                micro-batch x seq windows of the same corpus; it runs half its steps before ours and half after,
@@ -54,7 +55,7 @@ WARMUP = 3  # steps left out of every median
 SHAPE = {"model.block": "gpt2", "model.n_layers": 6, "model.d_model": 384, "model.n_heads": 6}
 SEQ, MICRO, VOCAB, TEACHER_MICRO = 256, 8, 8000, 64
 CPU_RUNS = [("ZeRO-3", "zero3.json", False), ("ZeRO-1", "zero1.json", False), ("ZeRO-3 compiled", "zero3.json", True),
-            ("ZeRO-1 compiled", "zero1.json", True)]
+            ("ZeRO-1 compiled", "zero1.json", True), ("stage 0 (no ZeRO)", "zero0.json", False)]
 GPU_RECIPES = ["0.3b", "1.3b"]
 GPU_RUNS = [("ZeRO-1", "zero1_bf16.json", False), ("ZeRO-2", "zero2_bf16.json", False),
             ("ZeRO-3", "zero3_bf16.json", False), ("ZeRO-1 compiled", "zero1_bf16.json", True)]
