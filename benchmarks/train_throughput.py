@@ -7,11 +7,14 @@ CPU (fp32, one process, a 6-layer d384 GPT-2-block model, seq 256, micro-batch 8
                own cost, no partitioned optimizer); language steps; tokens/s from run_dir/metrics.jsonl
   baseline     transformers GPT2LMHeadModel of the same shape (SDPA, fused tanh-GELU, no dropout), torch AdamW
                (foreach) with our optimizer settings, gradient clipping 1.0, a bare loop over random
-               micro-batch x seq windows of the same corpus; it runs half its steps before ours and half after,
-               so that a slow drift of a shared machine affects both alike
+               micro-batch x seq windows of the same corpus; it runs half its steps right before each run of
+               ours and half right after, and that run's ratio is to those steps, so that a drift of a shared
+               machine affects both alike
   teacher      our trainer's teacher steps (ZeRO-1) against a bare loop of the same FreeLM over the very same
                proposition batches (torch AdamW, clipping): propositions/s
-Tokens/s is the median step after warm-up steps. Achieved FLOP/s = tokens/s x training FLOPs per token
+`--rounds` times over (default 3), every row runs once per round, in an order rotated each round; the median
+ratio over rounds is the figure, printed with the smallest and largest. Tokens/s is the median step of a run
+after warm-up steps. Achieved FLOP/s = tokens/s x training FLOPs per token
 (pipeline.model.size; one accounting for both, the shapes being equal), also as a fraction of an fp32 matmul
 peak measured in the same run. The CPU time other processes took during the timed runs is reported: figures
 taken while it is high are not comparable.
@@ -22,7 +25,7 @@ TFLOP/s and MFU against the device's dense bf16 peak, and the peak memory alloca
 
 `--rehearse` runs that section's code on CPU with the tiny recipe in fp32 (no memory figures).
 
-Usage: python benchmarks/train_throughput.py [--steps N] [--data ../shared/data] [--gpu | --rehearse] [--json FILE]
+Usage: python benchmarks/train_throughput.py [--steps N] [--rounds N] [--data ../shared/data] [--gpu | --rehearse] [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data_throughput import train_gpt2_style, utf8  # this folder's: benchmarks run as scripts
 from pipeline.config import Config, load_config
@@ -56,6 +60,7 @@ SHAPE = {"model.block": "gpt2", "model.n_layers": 6, "model.d_model": 384, "mode
 SEQ, MICRO, VOCAB, TEACHER_MICRO = 256, 8, 8000, 64
 CPU_RUNS = [("ZeRO-3", "zero3.json", False), ("ZeRO-1", "zero1.json", False), ("ZeRO-3 compiled", "zero3.json", True),
             ("ZeRO-1 compiled", "zero1.json", True), ("stage 0 (no ZeRO)", "zero0.json", False)]
+CPU_RUNS_NAMES = [name for name, _, _ in CPU_RUNS]
 GPU_RECIPES = ["0.3b", "1.3b"]
 GPU_RUNS = [("ZeRO-1", "zero1_bf16.json", False), ("ZeRO-2", "zero2_bf16.json", False),
             ("ZeRO-3", "zero3_bf16.json", False), ("ZeRO-1 compiled", "zero1_bf16.json", True)]
@@ -209,7 +214,7 @@ def plain_teacher_rate(cfg: Config, steps: int) -> float:
     return statistics.median(rates)
 
 
-def compare_cpu(tmp: Path, steps: int) -> dict:
+def compare_cpu(tmp: Path, steps: int, rounds: int) -> dict:
     from pipeline.model.size import measure
 
     threads = torch.get_num_threads()
@@ -229,44 +234,65 @@ def compare_cpu(tmp: Path, steps: int) -> dict:
         return timed_steps(lambda b: model(input_ids=b, labels=b).loss, part, torch.Tensor.numel,
                            cfg.train.grad_clip, model, optimizer)
 
-    busy, total, own = cpu_ticks()
-    peak = matmul_flops()
-    hf_rates = hf(batches[:half])  # the baseline brackets ours
-    ours = {name: median(run_ours(c)["language"], "throughput/language_tokens_per_s") for name, c in configs.items()}
-    baseline = statistics.median(hf_rates + hf(batches[half:]))
     teacher_cfg = trainer_config(tmp, "teacher", None, {
         **shape, "train.language_steps": 1, "train.teacher_steps": steps, "train.steps": steps + 1,
         "train.teacher_micro_batch": TEACHER_MICRO, "train.ds_config": REPO / "ds_configs" / "zero1.json"})
-    teacher_rows = run_ours(teacher_cfg)["teacher"]
-    # Propositions per real token over the batches the trainer's timed teacher steps took (the plain loop times
+    # Propositions per real token over the batches the trainer's timed teacher steps take (the plain loop times
     # the same batches).
     taken = teacher_batches(teacher_cfg, steps)[WARMUP:]
     props_per_token = sum(len(b["labels"]) for b in taken) / sum(int(b["lengths"].sum()) for b in taken)
-    ours_teacher = median(teacher_rows, "throughput/teacher_tokens_per_s") * props_per_token
-    plain_teacher = plain_teacher_rate(teacher_cfg, steps)
+
+    busy, total, own = cpu_ticks()
+    peak = matmul_flops()
+    ours: dict[str, list[float]] = {name: [] for name in configs}
+    ratios: dict[str, list[float]] = {name: [] for name in configs}
+    hf_rates: list[float] = []
+    teacher: dict[str, list[float]] = {"ours": [], "plain": []}
+    for r in tqdm(range(rounds), desc="rounds", disable=rounds == 1):
+        for name in CPU_RUNS_NAMES[r % len(configs):] + CPU_RUNS_NAMES[:r % len(configs)]:
+            around = hf(batches[:half])  # each run of ours is bracketed by the baseline's steps
+            rate = median(run_ours(configs[name])["language"], "throughput/language_tokens_per_s")
+            around += hf(batches[half:])
+            ours[name].append(rate)
+            ratios[name].append(rate / statistics.median(around))
+            hf_rates += around
+        teacher["ours"].append(median(run_ours(teacher_cfg)["teacher"], "throughput/teacher_tokens_per_s")
+                               * props_per_token)
+        teacher["plain"].append(plain_teacher_rate(teacher_cfg, steps))
     busy2, total2, own2 = cpu_ticks()
     others = (busy2 - busy - (own2 - own)) / (total2 - total)
     assert torch.get_num_threads() == threads, "a run changed the torch thread count"
 
+    baseline = statistics.median(hf_rates)
     flops = size.train_flops_per_token(SEQ)
     print(f"\ndevice cpu, fp32; torch threads {threads} (the default, left as is for every run)")
     print(f"shape: gpt2 block, {cfg.model.n_layers} layers, d_model {cfg.model.d_model}, {cfg.model.n_heads} heads, "
           f"seq {SEQ}, micro-batch {MICRO}, vocab {VOCAB} padded to {size.padded_vocab_size}; training FLOPs per "
           f"token {flops / 1e6:.1f} M")
-    print(f"{steps} language steps per run, median without the first {WARMUP}; the HF loop ran {half} steps before "
-          f"ours and {steps - half} after")
+    print(f"{rounds} round(s), each runs every row once in a rotated order; {steps} language steps per run, median "
+          f"without the first {WARMUP}; every run of ours between {half} and {steps - half} steps of the HF loop, "
+          f"and its ratio is to those (the median over rounds is shown, with the smallest and largest)")
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s (fp32 2048^2, this run); other processes took {others:.0%} of the "
-          f"machine's CPU time during the timed runs\n")
-    print(f"{'language steps':<40}{'tokens/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'vs HF':>8}")
-    rows = {f"ours: train(), {name}": rate for name, rate in ours.items()} | {"HF GPT2LMHeadModel + AdamW": baseline}
-    for name, rate in rows.items():
-        print(f"{name:<40}{rate:>10,.0f}{rate * flops / 1e9:>10.1f}{rate * flops / peak:>9.1%}{rate / baseline:>8.2f}")
-    print(f"\n{'teacher steps (micro-batch ' + str(TEACHER_MICRO) + ', CoLA)':<40}{'props/s':>10}{'vs plain':>10}")
-    print(f"{'ours: train(), ZeRO-1':<40}{ours_teacher:>10,.1f}{ours_teacher / plain_teacher:>10.2f}")
-    print(f"{'plain loop, same FreeLM and batches':<40}{plain_teacher:>10,.1f}")
-    return {"device": "cpu", "threads": threads, "peak_flops": peak, "others_cpu_share": others,
-            "language_tokens_per_s": rows, "ratios_vs_hf": {k: v / baseline for k, v in rows.items()},
-            "teacher_props_per_s": {"ours_zero1": ours_teacher, "plain": plain_teacher}}
+          f"machine's CPU time during the timed runs (inductor's compile workers included)\n")
+    print(f"{'language steps':<40}{'tokens/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'vs HF':>8}{'range':>14}")
+    rows = {f"ours: train(), {name}": statistics.median(rates) for name, rates in ours.items()}
+    for (label, rate), found in zip(rows.items(), ratios.values()):
+        print(f"{label:<40}{rate:>10,.0f}{rate * flops / 1e9:>10.1f}{rate * flops / peak:>9.1%}"
+              f"{statistics.median(found):>8.2f}{f'{min(found):.2f}-{max(found):.2f}':>14}")
+    print(f"{'HF GPT2LMHeadModel + AdamW':<40}{baseline:>10,.0f}{baseline * flops / 1e9:>10.1f}{baseline * flops / peak:>9.1%}")
+    teacher_ratios = [o / p for o, p in zip(teacher["ours"], teacher["plain"])]
+    print(f"\n{'teacher steps (micro-batch ' + str(TEACHER_MICRO) + ', CoLA)':<40}{'props/s':>10}{'vs plain':>10}"
+          f"{'range':>14}")
+    print(f"{'ours: train(), ZeRO-1':<40}{statistics.median(teacher['ours']):>10,.1f}"
+          f"{statistics.median(teacher_ratios):>10.2f}{f'{min(teacher_ratios):.2f}-{max(teacher_ratios):.2f}':>14}")
+    print(f"{'plain loop, same FreeLM and batches':<40}{statistics.median(teacher['plain']):>10,.1f}")
+    return {"device": "cpu", "threads": threads, "rounds": rounds, "peak_flops": peak, "others_cpu_share": others,
+            "language_tokens_per_s": rows | {"HF GPT2LMHeadModel + AdamW": baseline},
+            "ratios_vs_hf": {label: statistics.median(found) for label, found in zip(rows, ratios.values())},
+            "ratios_vs_hf_per_round": dict(zip(rows, ratios.values())),
+            "teacher_props_per_s": {"ours_zero1": statistics.median(teacher["ours"]),
+                                    "plain": statistics.median(teacher["plain"])},
+            "teacher_ratio_per_round": teacher_ratios}
 
 
 def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str, str, bool]],
@@ -317,6 +343,7 @@ def write_json(path: str, results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="training steps per run (default 20)")
+    parser.add_argument("--rounds", type=int, default=3, help="CPU: times every row runs, in rotated order (default 3)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--gpu", action="store_true", help="the GPU section only (fails without CUDA)")
     parser.add_argument("--rehearse", action="store_true", help="the GPU section's code on CPU, tiny recipe")
@@ -336,7 +363,7 @@ def main() -> None:
         elif args.rehearse:
             results = gpu_recipes(tmp, args.steps, ["tiny"], REHEARSAL_RUNS, args.json)
         else:
-            results = compare_cpu(tmp, args.steps)
+            results = compare_cpu(tmp, args.steps, args.rounds)
     if args.json:
         write_json(args.json, results)
 

@@ -3,6 +3,8 @@ the two-signal schedule, exact resume, non-finite steps."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import signal
@@ -85,6 +87,35 @@ def test_mfu_peaks_by_device_name():
     names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A10G",
              "NVIDIA A10", "NVIDIA A100-SXM4-80GB"]
     assert [gpu_peak(name) for name in names] == [989e12, 756e12, 835e12, 989e12, None, 125e12, 312e12]
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def test_construction_maps_large_buffers_and_steps_keep_mid_sized_ones_in_the_heap():
+    """While the trainer is built a 2 MiB tensor gets a mapping of its own (unmapped on free); afterwards the
+    heap serves it (a step's freed activations serve the next step), and an 8 MiB one is mapped again."""
+    from pipeline.train.host_memory import construction_frees_released
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("the C library is not glibc >= 2.33")
+    libc.mallinfo2.restype = MallInfo2
+
+    def mapped(nbytes: int) -> int:
+        before = libc.mallinfo2().hblkhd  # bytes in mmapped chunks, all arenas
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        grown = libc.mallinfo2().hblkhd - before
+        del buffer
+        return grown
+
+    with construction_frees_released() as applied:
+        assert applied
+        assert mapped(2 << 20) >= 2 << 20
+    assert mapped(2 << 20) == 0
+    assert mapped(8 << 20) >= 8 << 20
 
 
 def test_zero3_dp2_trains_both_signals_with_the_deepspeed_launcher(data, tmp_path):

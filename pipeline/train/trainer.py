@@ -8,6 +8,7 @@ streams' positions; a run directory with a checkpoint resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from pipeline.parallel.ds_config import DTYPES, deepspeed_config, precision as d
 from pipeline.parallel.engine import build_engine, build_model, compile_blocks, grad_norm
 from pipeline.plan import GIB, plan_run
 from pipeline.checkpoint import io as checkpoint
-from pipeline.train.host_memory import release_large_frees
+from pipeline.train.host_memory import construction_frees_released
 from pipeline.train.liveness import phase
 from pipeline.train.optim import make_optimizer
 from pipeline.train.schedule import LANGUAGE, TEACHER, Schedule, learning_rate
@@ -362,8 +363,6 @@ def write_resolved_config(cfg: Config) -> None:
 
 def train(cfg: Config) -> TrainState:
     """Entry point for every rank (torchrun, the deepspeed launcher or srun set the environment)."""
-    if not torch.cuda.is_available():
-        release_large_frees()
     init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.timeout_minutes)
     logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", force=True)
@@ -374,7 +373,8 @@ def train(cfg: Config) -> TrainState:
     try:
         if dist.get_rank() == 0:
             write_resolved_config(cfg)
-        trainer = Trainer(cfg)
+        with contextlib.nullcontext() if torch.cuda.is_available() else construction_frees_released():
+            trainer = Trainer(cfg)
         return trainer.run()
     finally:
         if trainer is not None:  # its hooks and DeepSpeed's global tables would keep the model alive
