@@ -89,33 +89,40 @@ def test_mfu_peaks_by_device_name():
     assert [gpu_peak(name) for name in names] == [989e12, 756e12, 835e12, 989e12, None, 125e12, 312e12]
 
 
+MAPPED_PROBE = """
+import ctypes, ctypes.util, json, torch
+from pipeline.train.host_memory import construction_frees_released
+
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = MallInfo2
+
+def mapped(nbytes):
+    before = libc.mallinfo2().hblkhd  # bytes in mmapped chunks, all arenas
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    grown = libc.mallinfo2().hblkhd - before
+    del buffer
+    return grown
+
+with construction_frees_released() as applied:
+    inside = mapped(2 << 20)
+print(json.dumps([applied, inside, mapped(2 << 20), mapped(8 << 20)]))
+"""
+
 
 def test_construction_maps_large_buffers_and_steps_keep_mid_sized_ones_in_the_heap():
     """While the trainer is built a 2 MiB tensor gets a mapping of its own (unmapped on free); afterwards the
-    heap serves it (a step's freed activations serve the next step), and an 8 MiB one is mapped again."""
-    from pipeline.train.host_memory import construction_frees_released
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not hasattr(libc, "mallinfo2"):
+    heap serves it (a step's freed activations serve the next step), and an 8 MiB one is mapped again. In a
+    fresh process: glibc maps a request only when its heap has no free chunk that fits."""
+    if not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"):
         pytest.skip("the C library is not glibc >= 2.33")
-    libc.mallinfo2.restype = MallInfo2
-
-    def mapped(nbytes: int) -> int:
-        before = libc.mallinfo2().hblkhd  # bytes in mmapped chunks, all arenas
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        grown = libc.mallinfo2().hblkhd - before
-        del buffer
-        return grown
-
-    with construction_frees_released() as applied:
-        assert applied
-        assert mapped(2 << 20) >= 2 << 20
-    assert mapped(2 << 20) == 0
-    assert mapped(8 << 20) >= 8 << 20
+    out = subprocess.run([sys.executable, "-c", MAPPED_PROBE], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    applied, inside, after, large = json.loads(out.stdout.splitlines()[-1])
+    assert applied and inside >= 2 << 20 and after == 0 and large >= 8 << 20
 
 
 def test_zero3_dp2_trains_both_signals_with_the_deepspeed_launcher(data, tmp_path):
