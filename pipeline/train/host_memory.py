@@ -3,7 +3,7 @@
 glibc serves allocations below its mmap threshold (adaptive, up to 32 MiB) from heaps it rarely shrinks, so
 the transient tensors of model construction and checkpoint loading stay resident after they are freed
 (measured: 1.6 GB after building the 0.3b model on one of 2 ranks). While the trainer is built, a 1 MiB
-threshold maps every larger tensor on its own and unmaps it on free.
+threshold maps every larger tensor on its own and unmaps it on free. GPU runs keep glibc's defaults.
 
 Steps run at 4 MiB. At 1 MiB a step maps and faults in its activations anew every time: the transformers loop
 at `benchmarks/train_throughput.py`'s CPU shape took 1.83 s a step, against 1.30 s at glibc's defaults and
@@ -18,6 +18,8 @@ import contextlib
 import ctypes
 import ctypes.util
 from collections.abc import Iterator
+
+import torch
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 CONSTRUCTION_THRESHOLD = 1 << 20
@@ -35,8 +37,9 @@ def _glibc() -> ctypes.CDLL | None:
 @contextlib.contextmanager
 def construction_frees_released() -> Iterator[bool]:
     """Within: a 1 MiB mmap threshold. After: 4 MiB, and the heaps trimmed of what the block freed. Yields
-    False (and changes nothing) where the C library is not glibc."""
-    libc = _glibc()
+    False (and changes nothing) where CUDA is available (models are built on the device) or the C library is
+    not glibc."""
+    libc = None if torch.cuda.is_available() else _glibc()
     if libc is None:
         yield False
         return

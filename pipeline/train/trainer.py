@@ -8,7 +8,6 @@ streams' positions; a run directory with a checkpoint resumes from it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -373,7 +372,7 @@ def train(cfg: Config) -> TrainState:
     try:
         if dist.get_rank() == 0:
             write_resolved_config(cfg)
-        with contextlib.nullcontext() if torch.cuda.is_available() else construction_frees_released():
+        with construction_frees_released():
             trainer = Trainer(cfg)
         return trainer.run()
     finally:
