@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-3 composed with megatron-core TP: a TP=2 x DP=2 grid of 4 gloo processes trains with the
-same per-step losses as one process (fp32, rtol 1e-5), and no rank holds whole parameters."""
+same per-step losses as one process (fp32, rtol 1e-5), no rank holds whole parameters, and each block is
+gathered as one unit."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def train_rank(tp: int, out: str) -> None:
     full = sum(p.ds_numel for p in model.parameters())
     held = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr=3e-3), ds_config)
+    block = model.blocks[0]
+    hooked = [name for name, module in block.named_modules() if module._forward_pre_hooks]
     data = torch.Generator().manual_seed(5)
     losses = []
     for _ in range(STEPS):
@@ -44,7 +47,7 @@ def train_rank(tp: int, out: str) -> None:
         torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
         losses.append(loss.item() / dp)
     if torch.distributed.get_rank() == 0:
-        json.dump({"losses": losses, "held": held, "full": full}, open(out, "w"))
+        json.dump({"losses": losses, "held": held, "full": full, "hooked": hooked}, open(out, "w"))
     destroy_parallel()
 
 
@@ -55,3 +58,4 @@ def test_zero3_tp2_dp2_matches_one_process(tmp_path):
     assert one["losses"][-1] < one["losses"][0]
     torch.testing.assert_close(torch.tensor(grid["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
     assert grid["held"] == 0 and grid["full"] > 0  # ZeRO-3 partitioned everything outside forward/backward
+    assert one["hooked"] == grid["hooked"] == [""]  # DeepSpeed's gather hooks: on the block, none inside it

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import set_z3_leaf_modules
 from megatron.core import parallel_state as ps
 from torch import nn
 
@@ -44,6 +45,12 @@ def build_model(make: Callable[[], nn.Module], ds_config: dict[str, Any]) -> nn.
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any], lr_scheduler=None):
+    """The DeepSpeed engine. Under ZeRO-3 each decoder block (`model.blocks`) is one unit of gathering, as
+    torchtitan shards each block with FSDP: DeepSpeed's leaf modules get one gather, one release and one
+    hook pair per block and pass, not one per linear layer and norm (what `freelm plan` counts as the running
+    block's gathered parameters either way; a compiled block then runs as one graph)."""
+    if zero_stage(ds_config) == 3:
+        set_z3_leaf_modules(model, list({type(block) for block in model.blocks}))
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), lr_scheduler=lr_scheduler
     )
@@ -67,9 +74,9 @@ def grad_norm(module: nn.Module) -> torch.Tensor:
 def compile_blocks(blocks: nn.ModuleList) -> None:
     """Regional compilation: `torch.compile` each decoder block in place (`Module.compile`, so parameter names
     and checkpoints are unchanged). One block's code serves them all: blocks share a compiled graph, with the
-    parameters as its inputs. Under ZeRO-3 DeepSpeed's gather/release hooks on every submodule are excluded
-    from compilation (`torch.compiler.disable`) and split the graph there: the norms, residual adds,
-    activation and attention between the linear layers are what gets fused. DeepSpeed's own `engine.compile`
+    parameters as its inputs. Under ZeRO-3 DeepSpeed's gather/release hooks sit on the block alone (see
+    `build_engine`) and are excluded from compilation (`torch.compiler.disable`), so the block's body is one
+    graph. DeepSpeed's own `engine.compile`
     compiles the whole model at once; per block, compile time stays that of one block whatever the depth."""
     for block in blocks:
         block.compile()
