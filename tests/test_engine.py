@@ -36,6 +36,7 @@ def train_rank(tp: int, out: str) -> None:
     engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr=3e-3), ds_config)
     block = model.blocks[0]
     hooked = [name for name, module in block.named_modules() if module._forward_pre_hooks]
+    untouched = torch.nn.functional.linear is torch._C._nn.linear
     data = torch.Generator().manual_seed(5)
     losses = []
     for _ in range(STEPS):
@@ -47,7 +48,7 @@ def train_rank(tp: int, out: str) -> None:
         torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
         losses.append(loss.item() / dp)
     if torch.distributed.get_rank() == 0:
-        json.dump({"losses": losses, "held": held, "full": full, "hooked": hooked}, open(out, "w"))
+        json.dump({"losses": losses, "held": held, "full": full, "hooked": hooked, "untouched": untouched}, open(out, "w"))
     destroy_parallel()
 
 
@@ -59,3 +60,4 @@ def test_zero3_tp2_dp2_matches_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(grid["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
     assert grid["held"] == 0 and grid["full"] > 0  # ZeRO-3 partitioned everything outside forward/backward
     assert one["hooked"] == grid["hooked"] == [""]  # DeepSpeed's gather hooks: on the block, none inside it
+    assert one["untouched"] and grid["untouched"]  # torch's F.linear was not replaced by DeepSpeed's

@@ -33,6 +33,11 @@ def deepspeed_config(path: str | Path, micro_batch: int, grad_accum: int, grad_c
     ds_config.update(
         train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum, gradient_clipping=grad_clip
     )
+    if zero_stage(ds_config) == 3:
+        # DeepSpeed otherwise replaces torch's F.linear, for the rest of the process, with an autograd
+        # function that re-gathers a released weight in backward; blocks are gathered whole for their backward
+        # anyway (`parallel.engine.build_engine`), and the replacement's separate bias add costs time.
+        ds_config["zero_optimization"].setdefault("memory_efficient_linear", False)
     return ds_config
 
 
