@@ -1,7 +1,7 @@
 """Training throughput of our trainer against plain PyTorch loops, measured side by side in the same run.
 
-CPU (fp32, one process, a 6-layer d384 GPT-2-block model, seq 256, micro-batch 8):
-  ours         pipeline.train.trainer.train(): DeepSpeed ZeRO-3 (ds_configs/zero3.json) and ZeRO-1
+CPU (fp32, one rank, a 6-layer d384 GPT-2-block model, seq 256, micro-batch 8):
+  ours         pipeline.train.trainer.train(), each run in a process of its own: DeepSpeed ZeRO-3 (ds_configs/zero3.json) and ZeRO-1
                (ds_configs/zero1.json) over megatron-core layers, eager and with `train.compile` (each block
                compiled by inductor), and DeepSpeed without ZeRO (stage 0, ds_configs/zero0.json: the engine's
                own cost, no partitioned optimizer); language steps; tokens/s from run_dir/metrics.jsonl
@@ -40,6 +40,7 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 # DeepSpeed's ZeRO-3 calls collectives that torch deprecates, and torch warns on every step (here, at import,
 # so that the processes the GPU section starts per grid filter them too).
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+T = TypeVar("T")
 WARMUP = 3  # steps left out of every median
 SHAPE = {"model.block": "gpt2", "model.n_layers": 6, "model.d_model": 384, "model.n_heads": 6}
 SEQ, MICRO, VOCAB, TEACHER_MICRO = 256, 8, 8000, 64
@@ -69,9 +71,10 @@ REHEARSAL_RUNS = [("ZeRO-1", "zero1.json", False), ("ZeRO-3", "zero3.json", Fals
 
 
 def cpu_ticks() -> tuple[int, int, float]:
-    """Machine-wide busy and total CPU ticks (/proc/stat: user .. steal), and the ticks this process used."""
+    """Machine-wide busy and total CPU ticks (/proc/stat: user .. steal), and the ticks this process and its
+    finished children (the runs of ours) used."""
     ticks = [int(x) for x in Path("/proc/stat").read_text().split()[1:9]]
-    return sum(ticks) - ticks[3] - ticks[4], sum(ticks), sum(os.times()[:2]) * os.sysconf("SC_CLK_TCK")
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks), sum(os.times()[:4]) * os.sysconf("SC_CLK_TCK")
 
 
 def prepare_data(data: Path, tmp: Path, gpt2_vocab: bool = False) -> None:
@@ -117,9 +120,16 @@ def run_ours(cfg: Config) -> dict[str, list[dict]]:
     return {signal: found[WARMUP:] for signal, found in by_signal.items()}
 
 
+def fresh(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a process of its own (spawned), as a user's run starts: no run of ours inherits another's
+    memory, allocator settings, compiled graphs or DeepSpeed's process-wide state, nor leaves its own to the
+    baseline."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def run_grid(cfg: Config) -> tuple[dict[str, list[dict]], float]:
-    """`run_ours` in a process of its own (the GPU section starts one per grid, so that no grid inherits
-    another's memory, allocator state or compiled graphs); also the peak GPU memory allocated, in GiB."""
+    """`run_ours`, and the peak GPU memory allocated, in GiB (run `fresh`, one process per grid)."""
     from pipeline.plan import GIB
 
     found = run_ours(cfg)
@@ -251,12 +261,12 @@ def compare_cpu(tmp: Path, steps: int, rounds: int) -> dict:
         names = list(configs)
         for name in names[r % len(names):] + names[:r % len(names)]:
             around = hf(batches[:half])  # each run of ours is bracketed by the baseline's steps
-            rate = median(run_ours(configs[name])["language"], "throughput/language_tokens_per_s")
+            rate = median(fresh(run_ours, configs[name])["language"], "throughput/language_tokens_per_s")
             around += hf(batches[half:])
             ours[name].append(rate)
             ratios[name].append(rate / statistics.median(around))
             hf_rates += around
-        teacher["ours"].append(median(run_ours(teacher_cfg)["teacher"], "throughput/teacher_tokens_per_s")
+        teacher["ours"].append(median(fresh(run_ours, teacher_cfg)["teacher"], "throughput/teacher_tokens_per_s")
                                * props_per_token)
         teacher["plain"].append(plain_teacher_rate(teacher_cfg, steps))
     busy2, total2, own2 = cpu_ticks()
@@ -317,8 +327,7 @@ def gpu_recipes(tmp: Path, steps: int, recipes: list[str], runs: list[tuple[str,
             planned = plan_run(cfg, nodes=1, gpus_per_node=1, device="gpu" if cuda else "cpu", advise=False).memory.peak
             start = time.perf_counter()
             try:
-                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-                    found, used = fresh.submit(run_grid, cfg).result()
+                found, used = fresh(run_grid, cfg)
             except Exception as exc:  # one failed grid (out of memory, say) must not cost the others' figures
                 results.append({"recipe": recipe, "grid": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
                 print(f"{recipe:<8}{name:<17}FAILED: {type(exc).__name__}: {str(exc)[:300]}")

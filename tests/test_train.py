@@ -326,8 +326,8 @@ def test_accumulated_micro_batches_train_as_the_whole_batch(data, tmp_path):
 
 
 def test_compiled_blocks_give_the_eager_losses_at_tp1_and_tp2(data, tmp_path):
-    """ZeRO-3 (fp32) with `train.compile`: every block compiled by inductor, DeepSpeed's hooks splitting the
-    graphs; TP=2's compiled blocks hold megatron-core's parallel layers."""
+    """ZeRO-3 (fp32) with `train.compile`: every block compiled by inductor, DeepSpeed's gather hooks around
+    each block's graph; TP=2's compiled blocks hold megatron-core's parallel layers."""
     steps = {"train.steps": 4}
     for tp in (1, 2):
         grid = {"parallel.tensor_parallel": tp}
