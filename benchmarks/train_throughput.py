@@ -1,10 +1,11 @@
 """Training throughput of our trainer against plain PyTorch loops, measured side by side in the same run.
 
 CPU (fp32, one rank, a 6-layer d384 GPT-2-block model, seq 256, micro-batch 8):
-  ours         pipeline.train.trainer.train(), each run in a process of its own: DeepSpeed ZeRO-3 (ds_configs/zero3.json) and ZeRO-1
-               (ds_configs/zero1.json) over megatron-core layers, eager and with `train.compile` (each block
-               compiled by inductor), and DeepSpeed without ZeRO (stage 0, ds_configs/zero0.json: the engine's
-               own cost, no partitioned optimizer); language steps; tokens/s from run_dir/metrics.jsonl
+  ours         pipeline.train.trainer.train(), each run in a process of its own: DeepSpeed ZeRO-3
+               (ds_configs/zero3.json) and ZeRO-1 (ds_configs/zero1.json) over megatron-core layers, eager and
+               with `train.compile` (each block compiled by inductor), and DeepSpeed without ZeRO (stage 0,
+               ds_configs/zero0.json: the engine's own cost, no partitioned optimizer); language steps;
+               tokens/s from run_dir/metrics.jsonl
   baseline     transformers GPT2LMHeadModel of the same shape (SDPA, fused tanh-GELU, no dropout), torch AdamW
                (foreach) with our optimizer settings, gradient clipping 1.0, a bare loop over random
                micro-batch x seq windows of the same corpus; it runs half its steps right before each run of

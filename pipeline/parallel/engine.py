@@ -76,7 +76,7 @@ def compile_blocks(blocks: nn.ModuleList) -> None:
     and checkpoints are unchanged). One block's code serves them all: blocks share a compiled graph, with the
     parameters as its inputs. Under ZeRO-3 DeepSpeed's gather/release hooks sit on the block alone (see
     `build_engine`) and are excluded from compilation (`torch.compiler.disable`), so the block's body is one
-    graph. DeepSpeed's own `engine.compile`
-    compiles the whole model at once; per block, compile time stays that of one block whatever the depth."""
+    graph. DeepSpeed's own `engine.compile` compiles the whole model at once; per block, compile time stays
+    that of one block whatever the depth."""
     for block in blocks:
         block.compile()
