@@ -258,8 +258,8 @@ def compare_cpu(tmp: Path, steps: int, rounds: int) -> dict:
     ratios: dict[str, list[float]] = {name: [] for name in configs}
     hf_rates: list[float] = []
     teacher: dict[str, list[float]] = {"ours": [], "plain": []}
+    names = list(configs)
     for r in tqdm(range(rounds), desc="rounds", disable=rounds == 1):
-        names = list(configs)
         for name in names[r % len(names):] + names[:r % len(names)]:
             around = hf(batches[:half])  # each run of ours is bracketed by the baseline's steps
             rate = median(fresh(run_ours, configs[name])["language"], "throughput/language_tokens_per_s")

@@ -48,7 +48,8 @@ def train_rank(tp: int, out: str) -> None:
         torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
         losses.append(loss.item() / dp)
     if torch.distributed.get_rank() == 0:
-        json.dump({"losses": losses, "held": held, "full": full, "hooked": hooked, "untouched": untouched}, open(out, "w"))
+        found = {"losses": losses, "held": held, "full": full, "hooked": hooked, "untouched": untouched}
+        json.dump(found, open(out, "w"))
     destroy_parallel()
 
 
