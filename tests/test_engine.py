@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-3 composed with megatron-core TP: a TP=2 x DP=2 grid of 4 gloo processes trains with the
-same per-step losses as one process (fp32, rtol 1e-5), no rank holds whole parameters, and each block is
-gathered as one unit."""
+same per-step losses as one process (fp32, rtol 1e-5), no rank holds whole parameters, each block is
+gathered as one unit, and nothing saved for backward keeps a released parameter's gathered storage."""
 
 from __future__ import annotations
 
@@ -38,17 +38,26 @@ def train_rank(tp: int, out: str) -> None:
     hooked = [name for name, module in block.named_modules() if module._forward_pre_hooks]
     untouched = torch.nn.functional.linear is torch._C._nn.linear
     data = torch.Generator().manual_seed(5)
+    params = list(model.parameters())
+    views = []  # tensors saved for backward that are views of a parameter (they pin its gathered storage)
+
+    def pack(saved: torch.Tensor) -> torch.Tensor:
+        views.append(any(saved._base is p for p in params))
+        return saved
+
     losses = []
     for _ in range(STEPS):
         seqs = torch.randint(0, 1000, (GLOBAL_BATCH, 17), generator=data)[dp_rank * micro:(dp_rank + 1) * micro]
-        out_ = engine(seqs[:, :-1], signal="language", targets=seqs[:, 1:])
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+            out_ = engine(seqs[:, :-1], signal="language", targets=seqs[:, 1:])
         engine.backward(out_.loss)
         engine.step()
         loss = out_.loss.detach().clone()
         torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
         losses.append(loss.item() / dp)
     if torch.distributed.get_rank() == 0:
-        found = {"losses": losses, "held": held, "full": full, "hooked": hooked, "untouched": untouched}
+        found = {"losses": losses, "held": held, "full": full, "hooked": hooked, "untouched": untouched,
+                 "views": sum(views), "saved": len(views)}
         json.dump(found, open(out, "w"))
     destroy_parallel()
 
@@ -62,3 +71,5 @@ def test_zero3_tp2_dp2_matches_one_process(tmp_path):
     assert grid["held"] == 0 and grid["full"] > 0  # ZeRO-3 partitioned everything outside forward/backward
     assert one["hooked"] == grid["hooked"] == [""]  # DeepSpeed's gather hooks: on the block, none inside it
     assert one["untouched"] and grid["untouched"]  # torch's F.linear was not replaced by DeepSpeed's
+    # Backward keeps weights, never views of them that would hold a released weight's gathered storage.
+    assert one["saved"] > 0 and grid["saved"] > 0 and one["views"] == grid["views"] == 0

@@ -20,7 +20,7 @@ from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.config import ModelConfig
-from pipeline.model.layers import Block, LearnedPositions, make_norm, normal_init
+from pipeline.model.layers import Block, LearnedPositions, linear, make_norm, normal_init
 from pipeline.model.lm_loss import LMLoss, linear_cross_entropy
 
 Signal = Literal["language", "teacher"]
@@ -56,7 +56,7 @@ class TeacherHead(nn.Module):
         nn.init.normal_(self.weight, std=std)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.weight)
+        return linear(h, self.weight)
 
 
 class TiedLMHead(nn.Module):
