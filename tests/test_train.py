@@ -107,22 +107,31 @@ def mapped(nbytes):
     del buffer
     return grown
 
-with construction_frees_released() as applied:
+with construction_frees_released(12 << 20) as applied:
     inside = mapped(2 << 20)
-print(json.dumps([applied, inside, mapped(2 << 20), mapped(8 << 20)]))
+print(json.dumps([applied, inside, mapped(2 << 20), mapped(12 << 20), mapped(16 << 20)]))
 """
 
 
-def test_construction_maps_large_buffers_and_steps_keep_mid_sized_ones_in_the_heap():
-    """While the trainer is built a 2 MiB tensor gets a mapping of its own (unmapped on free); afterwards the
-    heap serves it (a step's freed activations serve the next step), and an 8 MiB one is mapped again. In a
-    fresh process: glibc maps a request only when its heap has no free chunk that fits."""
+def test_construction_maps_large_buffers_and_steps_keep_their_activations_in_the_heap():
+    """While the trainer is built a 2 MiB tensor gets a mapping of its own (unmapped on free). Afterwards, for
+    a run whose largest activation is 12 MiB, the heap serves tensors of up to that size (a step's freed
+    activations serve the next step) and a 16 MiB one is mapped again. In a fresh process: glibc maps a request
+    only when its heap has no free chunk that fits."""
     if not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"):
         pytest.skip("the C library is not glibc >= 2.33")
     out = subprocess.run([sys.executable, "-c", MAPPED_PROBE], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
-    applied, inside, after, large = json.loads(out.stdout.splitlines()[-1])
-    assert applied and inside >= 2 << 20 and after == 0 and large >= 8 << 20
+    applied, inside, after, activation, larger = json.loads(out.stdout.splitlines()[-1])
+    assert applied and inside >= 2 << 20 and after == activation == 0 and larger >= 16 << 20
+
+
+def test_steady_threshold_sits_above_the_largest_activation_within_glibc_bounds():
+    from pipeline.train.host_memory import steady_threshold
+
+    mib = 1 << 20
+    assert [steady_threshold(n) // mib for n in (0, 3 * mib, 4 * mib, 12 * mib, 16 * mib - 1, 100 * mib)] == \
+        [4, 4, 8, 16, 16, 32]
 
 
 def test_zero3_dp2_trains_both_signals_with_the_deepspeed_launcher(data, tmp_path):

@@ -5,11 +5,15 @@ the transient tensors of model construction and checkpoint loading stay resident
 (measured: 1.6 GB after building the 0.3b model on one of 2 ranks). While the trainer is built, a 1 MiB
 threshold maps every larger tensor on its own and unmaps it on free. GPU runs keep glibc's defaults.
 
-Steps run at 4 MiB. At 1 MiB a step maps and faults in its activations anew every time: the transformers loop
-at `benchmarks/train_throughput.py`'s CPU shape took 1.83 s a step, against 1.30 s at glibc's defaults and
-1.25 s at 4 MiB. Much above 4 MiB, the heaps keep what ZeRO-3's gathered parameters leave behind: peak
-resident 6.1 GiB per rank at 32 MiB against 4.2 GiB at 4 MiB (`benchmarks/memory.py`, 0.3b, ZeRO-3, DP 2;
-the plan: 4.0).
+Steps then run at a threshold just above the run's largest activation (the MLP's intermediate tensor of the
+largest micro-batch), between 4 MiB and glibc's 32 MiB ceiling: a step's activations come from the heap, where
+the previous step freed them, instead of being mapped and faulted in anew each time. At 1 MiB the
+transformers loop at `benchmarks/train_throughput.py`'s CPU shape took 1.83 s a step, against 1.30 s at
+glibc's defaults and 1.25 s at 4 MiB; a bare loop of our model there (12 MiB intermediates) took 20,000 page
+faults a step at 32 MiB against 25,000-87,000 at 4 MiB. Larger tensors stay mapped on their own, because
+heaps keep what ZeRO-3's gathered parameters and full-size gradients leave behind: at the 0.3b preset, seq
+64, ZeRO-3, DP 2 (`benchmarks/memory.py`), the peak resident set is 5.14 GiB per rank at 4 MiB, 5.19-5.26 at
+16 MiB and 5.45-5.52 at 32 MiB (the plan: 4.04).
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ import torch
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 CONSTRUCTION_THRESHOLD = 1 << 20
-STEADY_THRESHOLD = 4 << 20
+STEADY_FLOOR, STEADY_CEILING = 4 << 20, 32 << 20
+
+
+def steady_threshold(largest_activation: int) -> int:
+    """The smallest power of two above `largest_activation` bytes, within 4 MiB .. 32 MiB."""
+    return min(STEADY_CEILING, max(STEADY_FLOOR, 1 << largest_activation.bit_length()))
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -35,10 +44,10 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 @contextlib.contextmanager
-def construction_frees_released() -> Iterator[bool]:
-    """Within: a 1 MiB mmap threshold. After: 4 MiB, and the heaps trimmed of what the block freed. Yields
-    False (and changes nothing) where CUDA is available (models are built on the device) or the C library is
-    not glibc."""
+def construction_frees_released(largest_activation: int) -> Iterator[bool]:
+    """Within: a 1 MiB mmap threshold. After: `steady_threshold(largest_activation)`, and the heaps trimmed of
+    what the block freed. Yields False (and changes nothing) where CUDA is available (models are built on the
+    device) or the C library is not glibc."""
     libc = None if torch.cuda.is_available() else _glibc()
     if libc is None:
         yield False
@@ -47,5 +56,5 @@ def construction_frees_released() -> Iterator[bool]:
     try:
         yield True
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, STEADY_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, steady_threshold(largest_activation))
         libc.malloc_trim(0)

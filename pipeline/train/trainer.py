@@ -360,6 +360,13 @@ def write_resolved_config(cfg: Config) -> None:
     log.info("resolved config:\n" + text)
 
 
+def largest_activation(cfg: Config) -> int:
+    """Bytes of the largest tensor a micro-batch makes on one rank: the MLP's intermediate, in fp32 (CPU runs)."""
+    train, data = cfg.train, cfg.data
+    tokens = max(train.micro_batch * data.seq_len, train.teacher_micro_batch * data.teacher_seq_len)
+    return 4 * tokens * cfg.model.ffn_size // cfg.parallel.tensor_parallel
+
+
 def train(cfg: Config) -> TrainState:
     """Entry point for every rank (torchrun, the deepspeed launcher or srun set the environment)."""
     init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.timeout_minutes)
@@ -372,7 +379,7 @@ def train(cfg: Config) -> TrainState:
     try:
         if dist.get_rank() == 0:
             write_resolved_config(cfg)
-        with construction_frees_released():
+        with construction_frees_released(largest_activation(cfg)):
             trainer = Trainer(cfg)
         return trainer.run()
     finally:
