@@ -12,8 +12,8 @@ transformers loop at `benchmarks/train_throughput.py`'s CPU shape took 1.83 s a 
 glibc's defaults and 1.25 s at 4 MiB; a bare loop of our model there (12 MiB intermediates) took 20,000 page
 faults a step at 32 MiB against 25,000-87,000 at 4 MiB. Larger tensors stay mapped on their own, because
 heaps keep what ZeRO-3's gathered parameters and full-size gradients leave behind: at the 0.3b preset, seq
-64, ZeRO-3, DP 2 (`benchmarks/memory.py`), the peak resident set is 5.14 GiB per rank at 4 MiB, 5.19-5.26 at
-16 MiB and 5.45-5.52 at 32 MiB (the plan: 4.04).
+64, ZeRO-3, DP 2 (`benchmarks/memory.py`, whose largest activation is 1 MiB), the peak resident set is 4.29
+GiB per rank at 4 MiB, 4.57-4.60 at 16 MiB and 5.11-5.16 at 32 MiB (the plan: 4.04).
 """
 
 from __future__ import annotations
