@@ -37,7 +37,7 @@ def attention_kernel(cfg: ModelConfig, heads: int, seq_len: int, dtype: torch.dt
 class _Linear(torch.autograd.Function):
     """`F.linear` that keeps the weight itself for backward, where autograd would keep a transposed view of
     it. Under ZeRO-3 that view held each gathered weight's storage until backward, after DeepSpeed had released
-    the weight: 5.14 GiB per rank against 4.30 at the 0.3b preset, DP 2 (`benchmarks/memory.py`). DeepSpeed
+    the weight: 5.14 GiB per rank against 4.29 at the 0.3b preset, DP 2 (`benchmarks/memory.py`). DeepSpeed
     gathers the block again before its backward, which then reads the weight as it is."""
 
     @staticmethod
