@@ -35,8 +35,9 @@ def deepspeed_config(path: str | Path, micro_batch: int, grad_accum: int, grad_c
     )
     if zero_stage(ds_config) == 3:
         # DeepSpeed otherwise replaces torch's F.linear, for the rest of the process, with an autograd
-        # function that re-gathers a released weight in backward; blocks are gathered whole for their backward
-        # anyway (`parallel.engine.build_engine`).
+        # function that keeps the weight (not a view of it) for backward, so that a released weight's gathered
+        # storage is freed. The model's linear layers do that themselves (`model.layers.linear`), and blocks
+        # are gathered whole again for their backward (`parallel.engine.build_engine`).
         ds_config["zero_optimization"].setdefault("memory_efficient_linear", False)
     return ds_config
 
