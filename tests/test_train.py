@@ -108,6 +108,8 @@ def mapped(nbytes):
     return grown
 
 def kept(nbytes):
+    # Nothing may be allocated while the tensor lives: above it, that would pin the heap's top, and glibc
+    # trims only the top (so `mapped`'s reading in between would hide a trim).
     before = libc.mallinfo2().arena  # bytes the heaps hold from the system
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     del buffer
