@@ -46,7 +46,7 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, fi
     return, before the next chunk's exist."""
     shard = weight.shape[0]
     logits = (h @ weight.t()).float()
-    top = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)
+    top = _all_reduce(logits.amax(dim=-1), dist.ReduceOp.MAX, group)  # amax: no argmax (max(dim) is ~3x slower)
     logits -= top[:, None]
     local, owned = targets - first, (targets >= first) & (targets < first + shard)
     picked = _all_reduce(logits.gather(1, local.clamp(0, shard - 1)[:, None]).squeeze(1) * owned,
@@ -55,9 +55,9 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, fi
     total = _all_reduce(exp.sum(dim=-1), dist.ReduceOp.SUM, group)
     if grads is not None:  # d(weights . losses)/d(logits) = weights x (softmax - one-hot of the target)
         weights, grad_h, grad_w = grads
-        probs = exp.div_(total[:, None])
-        probs[owned.nonzero().squeeze(1), local[owned]] -= 1.0
-        probs.mul_(weights[:, None])
+        probs = exp.mul_((weights / total)[:, None])  # one pass: weights x softmax
+        rows = owned.nonzero().squeeze(1)
+        probs[rows, local[rows]] -= weights[rows]
         grad_h.copy_(probs.to(h.dtype) @ weight)
         grad_w.addmm_(probs.t(), h.float())
     return total.log() - picked
