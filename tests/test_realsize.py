@@ -1,7 +1,8 @@
 """The paper's path at its real size, as a user runs it: a GPT-2-medium-shaped checkpoint and a GPT-2-style BPE,
 `recipes/0.3b.yaml` as shipped (overridden only where a CPU needs it: fp32, a short sequence, micro-batches of
-one, a few steps; `data.num_workers` stays as shipped) on 2 ranks under the deepspeed launcher, started from
-that checkpoint; then resumed, evaluated, exported and loaded back in transformers."""
+one, the steps; `data.num_workers` stays as shipped) on 2 ranks under the deepspeed launcher, started from that
+checkpoint, for a language step; then resumed for a teacher step, evaluated, exported and loaded back in
+transformers."""
 
 from __future__ import annotations
 
