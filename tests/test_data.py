@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
+from distributed import run_ranks
 
 GUTENBERG = SHARED_DATA / "lm" / "gutenberg_nltk"
 TASKS_YAML = Path(__file__).resolve().parents[1] / "recipes" / "tasks.yaml"
@@ -293,3 +294,32 @@ def test_language_loader_resumes_and_stops_at_the_end(tok_dir, corpora, tmp_path
     resumed = list(language_loader(ds, 4, 1, 2, consumed_samples=5 * 8))
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(full[5:], resumed))
     assert torch.equal(full[0]["tokens"], torch.stack([ds[i]["tokens"] for i in range(4, 8)]))
+
+
+class _WorkerProbe(torch.utils.data.Dataset):
+    """One item: whether the loader worker reading it already holds megatron-core's GPT dataset module, which
+    nothing on the way to this item imports (this file and its imports do not)."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"preloaded": torch.tensor("megatron.core.datasets.gpt_dataset" in sys.modules)}
+
+
+def _first(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return samples[0]
+
+
+def probe_loader_worker(out: str) -> None:
+    from pipeline.data.loaders import StreamLoader
+
+    loader = StreamLoader(_WorkerProbe(), _first, micro_batch=1, total_samples=1, num_workers=1)
+    Path(out).write_text(json.dumps([bool(batch["preloaded"]) for batch in loader]))
+
+
+def test_loader_workers_start_with_the_streams_modules_imported(tmp_path):
+    """Workers fork from a server that imported the streams' modules once per rank, instead of importing torch and
+    megatron-core's datasets each (~8 s of CPU a worker). In a rank of its own: a process has one fork server."""
+    run_ranks(probe_loader_worker, 1, str(tmp_path / "out.json"))
+    assert json.loads((tmp_path / "out.json").read_text()) == [True]
