@@ -8,11 +8,12 @@ CPU (fp32, one rank, a 6-layer d384 GPT-2-block model, seq 256, micro-batch 8):
                tokens/s from run_dir/metrics.jsonl
   baseline     transformers GPT2LMHeadModel of the same shape (SDPA, fused tanh-GELU, no dropout), torch AdamW
                (foreach) with our optimizer settings, gradient clipping 1.0, a bare loop over random
-               micro-batch x seq windows of the same corpus; it runs half its steps right before each run of
-               ours and half right after, and that run's ratio is to those steps, so that a drift of a shared
-               machine affects both alike
+               micro-batch x seq windows of the same corpus, in a process of its own started beside each run of
+               ours; the two take turns step by step (the baseline steps after each of ours; each side waits
+               0.1 s before its step, so the other's OpenMP threads have stopped spinning), so a drift of this
+               shared machine's speed falls on both alike, and each run's ratio is to its own baseline's steps
   teacher      our trainer's teacher steps (ZeRO-1) against a bare loop of the same FreeLM over the very same
-               proposition batches (torch AdamW, clipping): propositions/s
+               proposition batches (torch AdamW, clipping), taking turns in the same way: propositions/s
 `--rounds` times over (default 3), every row runs once per round, in an order rotated each round; the median
 ratio over rounds is the figure, printed with the smallest and largest. Tokens/s is the median step of a run
 after warm-up steps. Achieved FLOP/s = tokens/s x training FLOPs per token
@@ -32,6 +33,7 @@ Usage: python benchmarks/train_throughput.py [--steps N] [--rounds N] [--data ..
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -40,6 +42,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -59,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 T = TypeVar("T")
 WARMUP = 3  # steps left out of every median
+SETTLE = 0.1  # s each side of a paired run waits before its step (`run_paired`)
 SHAPE = {"model.block": "gpt2", "model.n_layers": 6, "model.d_model": 384, "model.n_heads": 6}
 SEQ, MICRO, VOCAB, TEACHER_MICRO = 256, 8, 8000, 64
 CPU_RUNS = [("ZeRO-3", "zero3.json", False), ("ZeRO-1", "zero1.json", False), ("ZeRO-3 compiled", "zero3.json", True),
@@ -174,20 +178,17 @@ def hf_model(cfg: Config, padded_vocab: int) -> torch.nn.Module:
     return model
 
 
-def timed_steps(step, batches: list, count, grad_clip: float, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer) -> list[float]:
-    """Items/s of each step of a bare loop after warm-up, timed as our trainer times a step."""
-    rates = []
-    for batch in batches:
-        start = time.perf_counter()
-        loss = step(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # waits for the device, as our trainer's end-of-step metrics all-reduce does
-        rates.append(count(batch) / (time.perf_counter() - start))
-    return rates[WARMUP:]
+def plain_step(step: Callable[[Any], torch.Tensor], batch: Any, count: Callable[[Any], int], grad_clip: float,
+               model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """Items/s of one step of a bare loop, timed as our trainer times a step."""
+    start = time.perf_counter()
+    loss = step(batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss.item()  # waits for the device, as our trainer's end-of-step metrics all-reduce does
+    return count(batch) / (time.perf_counter() - start)
 
 
 def teacher_batches(cfg: Config, count: int) -> list[dict[str, torch.Tensor]]:
@@ -203,25 +204,70 @@ def teacher_batches(cfg: Config, count: int) -> list[dict[str, torch.Tensor]]:
     return [next(it) for _ in range(count)]
 
 
-def plain_teacher_rate(cfg: Config, steps: int) -> float:
-    """Propositions/s of a bare loop: our FreeLM (one process, no DeepSpeed), teacher forward, backward, clip,
-    AdamW; the trainer's own first teacher batches."""
-    from pipeline.model.freelm import FreeLM
-    from pipeline.parallel.distributed import destroy_parallel, init_parallel
+def plain_loop(conn: Connection, signal: str, cfg: Config) -> None:
+    """The baseline of `signal`, in a process of its own: the transformers model's language steps, or our FreeLM's
+    teacher steps (no DeepSpeed) over the trainer's own first teacher batches. One step each time `conn` asks
+    (True), its items/s sent back; False ends it."""
+    from pipeline.model.size import measure
 
-    os.environ.update(MASTER_PORT=str(free_port()))
-    init_parallel(1)
     torch.manual_seed(0)
-    model = FreeLM(cfg.model).train()
+    if signal == "language":
+        model = hf_model(cfg, measure(cfg.model, 1, SEQ).padded_vocab_size)
+        batches = corpus_batches(Path(cfg.data.corpora[0]), cfg.train.steps, MICRO, SEQ)
+
+        def step(batch: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=batch, labels=batch).loss
+
+        def count(batch: torch.Tensor) -> int:
+            return batch.numel()
+    else:
+        from pipeline.model.freelm import FreeLM
+        from pipeline.parallel.distributed import init_parallel
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        init_parallel(1)
+        model = FreeLM(cfg.model).train()
+        batches = teacher_batches(cfg, cfg.train.steps)
+
+        def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return model(batch["tokens"], signal="teacher", lengths=batch["lengths"], labels=batch["labels"]).loss
+
+        def count(batch: dict[str, torch.Tensor]) -> int:
+            return len(batch["labels"])
     optimizer = adamw(model, cfg)
+    for batch in itertools.cycle(batches):
+        if not conn.recv():
+            return
+        time.sleep(SETTLE)
+        conn.send(plain_step(step, batch, count, cfg.train.grad_clip, model, optimizer))
 
-    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(batch["tokens"], signal="teacher", lengths=batch["lengths"], labels=batch["labels"]).loss
 
-    rates = timed_steps(step, teacher_batches(cfg, steps), lambda b: len(b["labels"]), cfg.train.grad_clip, model,
-                        optimizer)
-    destroy_parallel()
-    return statistics.median(rates)
+def run_paired(cfg: Config, signal: str) -> tuple[dict[str, list[dict]], list[float]]:
+    """`run_ours`, taking turns with `plain_loop` for `signal` in a process of its own: the baseline steps after
+    each step of ours, before that step's metrics are logged (so MLflow's thread overlaps our next step, as in a
+    run, not the baseline's). Returns ours' metrics rows and the baseline's rates, both after warm-up."""
+    from pipeline.train.tracking import Tracker
+
+    context = multiprocessing.get_context("spawn")
+    conn, plain_end = context.Pipe()
+    plain = context.Process(target=plain_loop, args=(plain_end, signal, cfg), daemon=True)
+    plain.start()
+    rates: list[float] = []
+    log = Tracker.log
+
+    def baseline_then_log(tracker: Tracker, step: int, metrics: dict[str, float]) -> None:
+        conn.send(True)
+        rates.append(conn.recv())
+        time.sleep(SETTLE)
+        log(tracker, step, metrics)
+
+    Tracker.log = baseline_then_log
+    try:
+        return run_ours(cfg), rates[WARMUP:]
+    finally:
+        Tracker.log = log
+        conn.send(False)
+        plain.join()
 
 
 def compare_cpu(tmp: Path, steps: int, rounds: int) -> dict:
@@ -235,15 +281,6 @@ def compare_cpu(tmp: Path, steps: int, rounds: int) -> dict:
         for name, ds, compiled in CPU_RUNS}
     cfg = configs["ZeRO-3"]
     size = measure(cfg.model, 1, SEQ)
-    model = hf_model(cfg, size.padded_vocab_size)
-    optimizer = adamw(model, cfg)
-    batches = corpus_batches(tmp / "corpus", steps, MICRO, SEQ)
-    half = steps // 2
-
-    def hf(part: list[torch.Tensor]) -> list[float]:
-        return timed_steps(lambda b: model(input_ids=b, labels=b).loss, part, torch.Tensor.numel,
-                           cfg.train.grad_clip, model, optimizer)
-
     teacher_cfg = trainer_config(tmp, "teacher", None, {
         **shape, "train.language_steps": 1, "train.teacher_steps": steps, "train.steps": steps + 1,
         "train.teacher_micro_batch": TEACHER_MICRO, "train.ds_config": REPO / "ds_configs" / "zero1.json"})
@@ -261,15 +298,14 @@ def compare_cpu(tmp: Path, steps: int, rounds: int) -> dict:
     names = list(configs)
     for r in tqdm(range(rounds), desc="rounds", disable=rounds == 1):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            around = hf(batches[:half])  # each run of ours is bracketed by the baseline's steps
-            rate = median(fresh(run_ours, configs[name])["language"], "throughput/language_tokens_per_s")
-            around += hf(batches[half:])
+            found, baseline = fresh(run_paired, configs[name], "language")
+            rate = median(found["language"], "throughput/language_tokens_per_s")
             ours[name].append(rate)
-            ratios[name].append(rate / statistics.median(around))
-            hf_rates += around
-        teacher["ours"].append(median(fresh(run_ours, teacher_cfg)["teacher"], "throughput/teacher_tokens_per_s")
-                               * props_per_token)
-        teacher["plain"].append(plain_teacher_rate(teacher_cfg, steps))
+            ratios[name].append(rate / statistics.median(baseline))
+            hf_rates += baseline
+        found, baseline = fresh(run_paired, teacher_cfg, "teacher")
+        teacher["ours"].append(median(found["teacher"], "throughput/teacher_tokens_per_s") * props_per_token)
+        teacher["plain"].append(statistics.median(baseline))
     busy2, total2, own2 = cpu_ticks()
     others = (busy2 - busy - (own2 - own)) / (total2 - total)
     assert torch.get_num_threads() == threads, "a run changed the torch thread count"
@@ -281,8 +317,8 @@ def compare_cpu(tmp: Path, steps: int, rounds: int) -> dict:
           f"seq {SEQ}, micro-batch {MICRO}, vocab {VOCAB} padded to {size.padded_vocab_size}; training FLOPs per "
           f"token {flops / 1e6:.1f} M")
     print(f"{rounds} round(s), each runs every row once in a rotated order; {steps} language steps per run, median "
-          f"without the first {WARMUP}; every run of ours between {half} and {steps - half} steps of the HF loop, "
-          f"and its ratio is to those (the median over rounds is shown, with the smallest and largest)")
+          f"without the first {WARMUP}; every run of ours takes turns step by step with a run of the HF loop, and "
+          f"its ratio is to that run's steps (the median over rounds is shown, with the smallest and largest)")
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s (fp32 2048^2, this run); other processes took {others:.0%} of the "
           f"machine's CPU time during the timed runs (inductor's compile workers included)\n")
     print(f"{'language steps':<40}{'tokens/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'vs HF':>8}{'range':>14}")
