@@ -77,7 +77,7 @@ def compile_blocks(blocks: nn.ModuleList) -> None:
     inputs. Only `forward` is compiled, not the block's whole call (`Module.compile`): the hooks
     `Module.__call__` runs around it, DeepSpeed's ZeRO-3 gather and release among them, stay eager. Compiling
     the call made dynamo trace those hooks and recompile them once per block (they read each block's `ds_id`):
-    ZeRO-3 with compiled blocks ran at 0.73x `benchmarks/train_throughput.py`'s CPU baseline, now 1.01x.
+    ZeRO-3 with compiled blocks ran at 0.73x `benchmarks/train_throughput.py`'s CPU baseline, now 0.98-1.01x.
     DeepSpeed's own `engine.compile` compiles the whole model at once; per block, compile time stays that of
     one block whatever the depth."""
     for block in blocks:
