@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-3 composed with megatron-core TP: a TP=2 x DP=2 grid of 4 gloo processes trains with the
-same per-step losses as one process (fp32, rtol 1e-5), no rank holds whole parameters, each block is
-gathered as one unit, and nothing saved for backward keeps a released parameter's gathered storage."""
+same per-step losses as one process (fp32, rtol 1e-5; the one process reduces its gradients in place, the grid
+reduce-scatters them), no rank holds whole parameters, each block is gathered as one unit, and nothing saved
+for backward keeps a released parameter's gathered storage."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def train_rank(tp: int, out: str) -> None:
         losses.append(loss.item() / dp)
     if torch.distributed.get_rank() == 0:
         found = {"losses": losses, "held": held, "full": full, "hooked": hooked, "untouched": untouched,
-                 "views": sum(views), "saved": len(views)}
+                 "views": sum(views), "saved": len(views), "reduce_scatter": engine.optimizer.reduce_scatter}
         json.dump(found, open(out, "w"))
     destroy_parallel()
 
@@ -71,5 +72,7 @@ def test_zero3_tp2_dp2_matches_one_process(tmp_path):
     assert grid["held"] == 0 and grid["full"] > 0  # ZeRO-3 partitioned everything outside forward/backward
     assert one["hooked"] == grid["hooked"] == [""]  # DeepSpeed's gather hooks: on the block, none inside it
     assert one["untouched"] and grid["untouched"]  # torch's F.linear was not replaced by DeepSpeed's
+    # One data-parallel rank reduces its gradient bucket in place; two reduce-scatter (same losses, above).
+    assert not one["reduce_scatter"] and grid["reduce_scatter"]
     # Backward keeps weights, never views of them that would hold a released weight's gathered storage.
     assert one["saved"] > 0 and grid["saved"] > 0 and one["views"] == grid["views"] == 0
