@@ -1,22 +1,23 @@
-"""DeepSpeed ZeRO-3 composed with megatron-core TP: a TP=2 x DP=2 grid of 4 gloo processes trains with the
-same per-step losses as one process (fp32, rtol 1e-5; the one process reduces its gradients in place, the grid
-reduce-scatters them), no rank holds whole parameters, each block is gathered as one unit, and nothing saved
-for backward keeps a released parameter's gathered storage."""
+"""DeepSpeed ZeRO (stages 3 and 1) composed with megatron-core TP: a TP=2 x DP=2 grid of 4 gloo processes trains
+with the same per-step losses as one process (fp32, rtol 1e-5; the one process reduces its gradients in place,
+the grid reduce-scatters them); under ZeRO-3 no rank holds whole parameters, each block is gathered as one
+unit, and nothing saved for backward keeps a released parameter's gathered storage."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from distributed import run_ranks
 
 GLOBAL_BATCH, STEPS = 8, 4
-ZERO3 = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json"
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
-def train_rank(tp: int, out: str) -> None:
+def train_rank(tp: int, ds_path: str, out: str) -> None:
     from megatron.core import parallel_state as ps
 
     from pipeline.model.config import ModelConfig
@@ -28,11 +29,11 @@ def train_rank(tp: int, out: str) -> None:
     init_parallel(tp)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     micro = GLOBAL_BATCH // dp
-    ds_config = deepspeed_config(ZERO3, micro_batch=micro, grad_accum=1, grad_clip=1.0)
+    ds_config = deepspeed_config(ds_path, micro_batch=micro, grad_accum=1, grad_clip=1.0)
     torch.manual_seed(0)
     cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=1000, max_seq_len=32)
     model = build_model(lambda: FreeLM(cfg), ds_config)
-    full = sum(p.ds_numel for p in model.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     held = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, torch.optim.AdamW(model.parameters(), lr=3e-3), ds_config)
     block = model.blocks[0]
@@ -63,16 +64,21 @@ def train_rank(tp: int, out: str) -> None:
     destroy_parallel()
 
 
-def test_zero3_tp2_dp2_matches_one_process(tmp_path):
-    run_ranks(train_rank, 1, 1, str(tmp_path / "tp1.json"))
-    run_ranks(train_rank, 4, 2, str(tmp_path / "grid.json"))
+@pytest.mark.parametrize("stage", [3, 1])
+def test_zero_tp2_dp2_matches_one_process(stage, tmp_path):
+    ds_path = str(DS_CONFIGS / f"zero{stage}.json")
+    run_ranks(train_rank, 1, 1, ds_path, str(tmp_path / "tp1.json"))
+    run_ranks(train_rank, 4, 2, ds_path, str(tmp_path / "grid.json"))
     one, grid = (json.loads((tmp_path / f).read_text()) for f in ("tp1.json", "grid.json"))
     assert one["losses"][-1] < one["losses"][0]
     torch.testing.assert_close(torch.tensor(grid["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
-    assert grid["held"] == 0 and grid["full"] > 0  # ZeRO-3 partitioned everything outside forward/backward
-    assert one["hooked"] == grid["hooked"] == [""]  # DeepSpeed's gather hooks: on the block, none inside it
-    assert one["untouched"] and grid["untouched"]  # torch's F.linear was not replaced by DeepSpeed's
     # One data-parallel rank reduces its gradient bucket in place; two reduce-scatter (same losses, above).
     assert not one["reduce_scatter"] and grid["reduce_scatter"]
+    assert one["untouched"] and grid["untouched"]  # torch's F.linear was not replaced by DeepSpeed's
     # Backward keeps weights, never views of them that would hold a released weight's gathered storage.
     assert one["saved"] > 0 and grid["saved"] > 0 and one["views"] == grid["views"] == 0
+    if stage == 3:
+        assert grid["held"] == 0 and grid["full"] > 0  # ZeRO-3 partitioned everything outside forward/backward
+        assert one["hooked"] == grid["hooked"] == [""]  # DeepSpeed's gather hooks: on the block, none inside it
+    else:
+        assert grid["held"] == grid["full"] > 0 and one["hooked"] == grid["hooked"] == []

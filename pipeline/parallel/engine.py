@@ -50,14 +50,15 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
     hook pair per block and pass, not one per linear layer and norm (what `freelm plan` counts as the running
     block's gathered parameters either way; a compiled block then runs as one graph).
 
-    With one data-parallel rank, ZeRO-3 has nothing to scatter: `reduce_scatter` defaults to false there, so
+    With one data-parallel rank there is nothing to scatter: `reduce_scatter` defaults to false there, so
     DeepSpeed reduces its contiguous gradient bucket in place instead of first concatenating every gradient
-    into a second buffer (ZeRO-3 at 0.96x `benchmarks/train_throughput.py`'s CPU baseline, 1.01x without it;
-    across ranks the reduce-scatter stays: an all-reduce would move twice the bytes)."""
+    into a second buffer (ZeRO-3: 0.96x `benchmarks/train_throughput.py`'s CPU baseline
+    with it, 1.01x without, medians of 8 paired runs each). Across ranks it stays: the all-reduce that replaces
+    it would move twice the bytes."""
     if zero_stage(ds_config) == 3:
         set_z3_leaf_modules(model, list({type(block) for block in model.blocks}))
-        if ps.get_data_parallel_world_size() == 1:
-            ds_config = {**ds_config, "zero_optimization": {"reduce_scatter": False, **ds_config["zero_optimization"]}}
+    if zero_stage(ds_config) and ps.get_data_parallel_world_size() == 1:
+        ds_config = {**ds_config, "zero_optimization": {"reduce_scatter": False, **ds_config["zero_optimization"]}}
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, mpu=MegatronMPU(), lr_scheduler=lr_scheduler
     )
