@@ -52,9 +52,9 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
 
     With one data-parallel rank there is nothing to scatter: `reduce_scatter` defaults to false there, so
     DeepSpeed reduces its contiguous gradient bucket in place instead of first concatenating every gradient
-    into a second buffer (ZeRO-3: 0.96x `benchmarks/train_throughput.py`'s CPU baseline
-    with it, 1.01x without, medians of 8 paired runs each). Across ranks it stays: the all-reduce that replaces
-    it would move twice the bytes."""
+    into a second buffer (ZeRO-3: 0.96x `benchmarks/train_throughput.py`'s CPU baseline with it, 1.01x
+    without, medians of 8 paired runs each). Across ranks it stays: the all-reduce that replaces it would move
+    twice the bytes."""
     if zero_stage(ds_config) == 3:
         set_z3_leaf_modules(model, list({type(block) for block in model.blocks}))
     if zero_stage(ds_config) and ps.get_data_parallel_world_size() == 1:
@@ -85,7 +85,7 @@ def compile_blocks(blocks: nn.ModuleList) -> None:
     inputs. Only `forward` is compiled, not the block's whole call (`Module.compile`): the hooks
     `Module.__call__` runs around it, DeepSpeed's ZeRO-3 gather and release among them, stay eager. Compiling
     the call made dynamo trace those hooks and recompile them once per block (they read each block's `ds_id`):
-    ZeRO-3 with compiled blocks ran at 0.73x `benchmarks/train_throughput.py`'s CPU baseline, now 0.98-1.01x.
+    ZeRO-3 with compiled blocks ran at 0.73x `benchmarks/train_throughput.py`'s CPU baseline, now 0.98-1.02x.
     DeepSpeed's own `engine.compile` compiles the whole model at once; per block, compile time stays that of
     one block whatever the depth."""
     for block in blocks:
