@@ -111,11 +111,16 @@ def trainer_config(tmp: Path, name: str, recipe: str | None, overrides: dict) ->
     return load_config(REPO / "recipes" / f"{recipe}.yaml" if recipe else None, [f"{k}={v}" for k, v in pairs.items()])
 
 
+def one_rank_env() -> None:
+    """This process as a world of one rank, on a free port (`pipeline.parallel.distributed.init_parallel` joins it)."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
 def run_ours(cfg: Config) -> dict[str, list[dict]]:
     """Our trainer in this process; its metrics rows after warm-up, by the signal each step trained."""
     from pipeline.train.trainer import train
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    one_rank_env()
     train(cfg)
     rows = [json.loads(line) for line in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
     by_signal: dict[str, list[dict]] = {"language": [], "teacher": []}
@@ -224,7 +229,7 @@ def plain_loop(conn: Connection, signal: str, cfg: Config) -> None:
         from pipeline.model.freelm import FreeLM
         from pipeline.parallel.distributed import init_parallel
 
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        one_rank_env()
         init_parallel(1)
         model = FreeLM(cfg.model).train()
         batches = teacher_batches(cfg, cfg.train.steps)
